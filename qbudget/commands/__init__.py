@@ -1,0 +1,1 @@
+"""CLI sub-commands; each module exposes ``register(app)`` and is listed in qbudget.cli."""

@@ -1,0 +1,78 @@
+"""Prompts: the unit the teacher is queried with, and their JSONL storage.
+
+A pool or probe file is JSON Lines with one object per prompt: ``id`` (unique, stable
+string), ``text`` and ``category`` (plus optional fields kept in ``extra``). Loading
+validates everything up front so a bad file fails before any budget is spent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from qbudget.errors import QBudgetError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    category: str
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> dict:
+        row = {"id": self.id, "text": self.text, "category": self.category}
+        row.update(self.extra)
+        return row
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read and validate a prompts JSONL file (unique ids, non-empty text, a category)."""
+    path = Path(path)
+    if not path.is_file():
+        raise QBudgetError(f"prompt file not found: {path}")
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QBudgetError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise QBudgetError(f"{path}:{lineno}: expected a JSON object")
+            for key in ("id", "text", "category"):
+                if not isinstance(row.get(key), str) or (key != "category" and not row[key]):
+                    raise QBudgetError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
+            pid = row.pop("id")
+            if pid in seen:
+                raise QBudgetError(f"{path}:{lineno}: duplicate prompt id '{pid}'")
+            seen.add(pid)
+            text, category = row.pop("text"), row.pop("category")
+            prompts.append(Prompt(pid, text, category, row))
+    if not prompts:
+        raise QBudgetError(f"{path}: no prompts")
+    return prompts
+
+
+def save_prompts(prompts: Iterable[Prompt], path: str | Path) -> None:
+    """Write prompts as JSONL (sorted keys, one per line) so files are byte-reproducible."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for p in prompts:
+            fh.write(json.dumps(p.to_json(), sort_keys=True, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def category_index(prompts: Sequence[Prompt], names: Sequence[str] | None = None):
+    """Return (int32 array of category indices, sorted category names)."""
+    import numpy as np
+
+    names = sorted({p.category for p in prompts}) if names is None else list(names)
+    lookup = {n: i for i, n in enumerate(names)}
+    return np.array([lookup[p.category] for p in prompts], dtype=np.int32), names
