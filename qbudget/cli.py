@@ -36,6 +36,13 @@ app = typer.Typer(
 
 # One entry per feature module; each defines register(app).
 COMMAND_MODULES: list[str] = [
+    "qbudget.commands.run",
+    "qbudget.commands.bench",
+    "qbudget.commands.world",
+    "qbudget.commands.record",
+    "qbudget.commands.strategies",
+    "qbudget.commands.plot",
+    "qbudget.commands.eval",
 ]
 
 
@@ -51,6 +58,9 @@ def main(
                                  help="Print the version and exit."),
 ) -> None:
     """qbudget: which teacher queries to buy, and how close the student gets."""
+    from qbudget.runtime import configure_jax
+
+    configure_jax()
 
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,88 @@
+"""What every adversary sees and returns.
+
+An adversary is trained on the adversary-train split of the probe (at most ``q`` of
+its prompts: the sample bound) for ``t`` optimiser steps (the compute bound) and then
+decides on held-out *units* of the adversary-test split. For single-answer adversaries
+a unit is one answer (each test prompt gives its teacher answer, label 1, and its
+student answer, label 0 — balanced by construction); for the pairwise adversary a unit
+is one prompt with its two answers. Accuracy over units gives the advantage 2·acc − 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import numpy as np
+
+from qbudget.errors import QBudgetError
+
+
+@dataclass
+class AdversaryData:
+    """Probe texts, splits and (lazily computed, cached) MiniLM embeddings."""
+
+    prompts: list[str]
+    teacher: list[str]
+    student: list[str]
+    categories: np.ndarray            # int32 [N] index into category names
+    train_idx: np.ndarray             # int64 indices of adversary-train prompts
+    test_idx: np.ndarray              # int64 indices of adversary-test prompts
+    encoder: object | None = None     # SentenceEncoder (needed by embed/pairwise/finetune)
+    encode_batch_size: int = 64
+    _emb: dict = field(default_factory=dict, repr=False)
+
+    def embeddings(self, which: str) -> np.ndarray:
+        """Embeddings of 'prompts', 'teacher' or 'student' texts, [N, d], computed once."""
+        if which not in self._emb:
+            if self.encoder is None:
+                raise QBudgetError("this adversary needs a sentence encoder")
+            texts = {"prompts": self.prompts, "teacher": self.teacher,
+                     "student": self.student}[which]
+            self._emb[which] = self.encoder.encode(texts, batch_size=self.encode_batch_size)
+        return self._emb[which]
+
+    def set_embeddings(self, which: str, emb: np.ndarray) -> None:
+        self._emb[which] = np.asarray(emb, np.float32)
+
+
+@dataclass
+class AdversaryResult:
+    """Per-unit test outcomes plus the bounds the adversary ran under."""
+
+    correct: np.ndarray               # bool [units]
+    unit_category: np.ndarray         # int32 [units]
+    q: int                            # adversary-train prompts used
+    t: int                            # optimiser steps
+    flops: float                      # estimated training + test FLOPs
+    extra: dict = field(default_factory=dict)
+
+
+def train_subset(data: AdversaryData, q: int | None, key: jax.Array) -> np.ndarray:
+    """The adversary's q training prompts: a seeded subset of the train split (all if None)."""
+    n = len(data.train_idx)
+    if n == 0:
+        raise QBudgetError("the adversary-train split is empty")
+    if len(data.test_idx) == 0:
+        raise QBudgetError("the adversary-test split is empty")
+    check_sample_bound(q, n)
+    if q is None or q == n:
+        return np.asarray(data.train_idx)
+    perm = np.asarray(jax.random.permutation(key, n))
+    return np.sort(np.asarray(data.train_idx)[perm[:q]])
+
+
+def check_sample_bound(q: int | None, n_train: int) -> None:
+    """QBudgetError unless q is None (= all) or within 1..n_train."""
+    if q is not None and not 1 <= q <= n_train:
+        raise QBudgetError(f"adversary sample bound q={q} must be in 1..{n_train} "
+                           "(the adversary-train split size)")
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """Shape bucket: the next power of two (keeps the number of compiled shapes small)."""
+    return max(floor, 1 << max(0, int(n - 1).bit_length()))
+
+
+Runner = Callable[[AdversaryData, object, jax.Array], AdversaryResult]

@@ -1,0 +1,100 @@
+"""``embed``: an MLP on MiniLM embeddings of the prompt and the answer.
+
+Catches semantic differences that n-grams miss (what is said rather than how). Input
+per answer: [e_answer, e_answer ⊙ e_prompt] (the product lets a small MLP condition on
+the prompt; the prompt embedding alone carries no label information because both
+classes share it). Minibatch Adam for exactly ``t`` steps in one jitted scan.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qbudget.adversaries.base import AdversaryData, AdversaryResult, pow2_at_least, train_subset
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    q: int | None = None
+    t: int = 300                  # minibatch Adam steps
+    hidden: int = 128
+    batch: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    use_prompt: bool = True
+
+
+def init_mlp(key, din: int, hidden: int):
+    k1, k2 = jax.random.split(key)
+    return {"w1": jax.random.normal(k1, (din, hidden)) * jnp.sqrt(1.0 / din),
+            "b1": jnp.zeros(hidden), "w2": jax.random.normal(k2, (hidden,)) * jnp.sqrt(1.0 / hidden),
+            "b2": jnp.zeros(())}
+
+
+def mlp(p, x):
+    return jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+@functools.partial(jax.jit, static_argnames=("hidden", "steps", "batch", "lr", "wd"))
+def fit_mlp(x, y, n, key, *, hidden, steps, batch, lr, wd):
+    """Train a one-hidden-layer MLP classifier on rows [0, n) of x (rest is padding)."""
+    kinit, kdata = jax.random.split(key)
+    params = init_mlp(kinit, x.shape[1], hidden)
+    tx = optax.adamw(lr, weight_decay=wd)
+
+    def loss(p, xb, yb):
+        return optax.sigmoid_binary_cross_entropy(mlp(p, xb), yb).mean()
+
+    def step(carry, k):
+        p, s = carry
+        rows = jax.random.randint(k, (batch,), 0, n)
+        g = jax.grad(loss)(p, x[rows], y[rows])
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(kdata, steps))
+    return params
+
+
+_apply = jax.jit(mlp)
+
+
+def unit_features(data: AdversaryData, rows: np.ndarray, use_prompt: bool) -> np.ndarray:
+    """[teacher answers; student answers] embedding features for the prompt rows."""
+    ans = np.concatenate([data.embeddings("teacher")[rows], data.embeddings("student")[rows]])
+    if not use_prompt:
+        return ans
+    p = data.embeddings("prompts")[rows]
+    return np.concatenate([ans, ans * np.concatenate([p, p])], axis=1)
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n,) + x.shape[1:], x.dtype)
+    out[: len(x)] = x
+    return out
+
+
+def run(data: AdversaryData, cfg: EmbedConfig, key: jax.Array) -> AdversaryResult:
+    kq, kfit = jax.random.split(key)
+    train = train_subset(data, cfg.q, kq)
+    test = np.asarray(data.test_idx)
+    x = unit_features(data, train, cfg.use_prompt).astype(np.float32)
+    y = np.concatenate([np.ones(len(train)), np.zeros(len(train))]).astype(np.float32)
+    n = len(y)
+    m = pow2_at_least(n, 64)
+    params = fit_mlp(_pad(x, m), _pad(y, m), n, kfit, hidden=cfg.hidden, steps=cfg.t,
+                     batch=cfg.batch, lr=cfg.lr, wd=cfg.weight_decay)
+    xt = unit_features(data, test, cfg.use_prompt).astype(np.float32)
+    logits = np.asarray(_apply(params, _pad(xt, pow2_at_least(len(xt), 64))))[: len(xt)]
+    yt = np.concatenate([np.ones(len(test)), np.zeros(len(test))]) > 0.5
+    correct = (logits > 0) == yt
+    d = x.shape[1]
+    flops = cfg.t * 6.0 * cfg.batch * (d * cfg.hidden + cfg.hidden) + 2.0 * len(xt) * d * cfg.hidden
+    cats = np.asarray(data.categories)[np.concatenate([test, test])]
+    return AdversaryResult(correct, cats, q=len(train), t=cfg.t, flops=flops)

@@ -1,0 +1,252 @@
+"""Experiment configuration: TOML validated into typed, frozen dataclasses.
+
+One schema serves ``qbudget run --config`` and ``qbudget bench``: a run is a world, a
+strategy, a budget schedule, distillation and evaluation settings and a seed; a bench
+config adds a ``[grid]`` of worlds x strategies x seeds. Unknown keys and wrong types are
+errors that name the key (``budget.total must be an integer >= 0, got 'x'``), because a
+typo that silently falls back to a default wastes a paid budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qbudget.errors import QBudgetError
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """How many training queries to spend and where to evaluate along the way."""
+
+    total: int = 256
+    #: queries bought per round (the last round before a checkpoint is shortened to land on it)
+    round_size: int = 64
+    #: evaluation points; empty = geometric (0, first, x ratio, ..., total)
+    checkpoints: tuple[int, ...] = ()
+    first_checkpoint: int = 16
+    ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """LoRA distillation of the student: warm-started, fixed steps per round."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learning_rate: float = 3e-3
+    steps_per_round: int = 30
+    batch_size: int = 16
+    max_len: int = 96
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What every checkpoint measures (see qbudget.evaluate.EvalConfig for the adversaries)."""
+
+    #: evaluate on a stratified subset of the probe of this size (0 = the whole probe)
+    probe_subset: int = 0
+    adversaries: tuple[str, ...] = ("ngram", "embed", "pairwise")
+    #: teacher-vs-teacher similarity ceiling (costs a second teacher sample of the probe)
+    ceiling: bool = True
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "random"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    world: str = "micro"
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    seed: int = 0
+
+    def schedule(self, pool_size: int) -> list[int]:
+        """The q values at which the run evaluates (always includes 0 and the total)."""
+        return checkpoint_schedule(self.budget, pool_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    worlds: tuple[str, ...] = ("micro",)
+    strategies: tuple[str, ...] = ("random", "stratified")
+    seeds: tuple[int, ...] = (0, 1)
+    baseline: str = "stratified"
+    epsilon: float = 0.0  # 0 = no target
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A sweep: the grid plus one RunConfig template shared by every cell."""
+
+    grid: GridConfig = field(default_factory=GridConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    #: per-strategy parameters, e.g. [strategy_params.disagreement] members = 4
+    strategy_params: dict = field(default_factory=dict)
+    workers: int = 0  # 0 = one per core
+
+    def cells(self) -> list[RunConfig]:
+        out = []
+        for world in self.grid.worlds:
+            for name in self.grid.strategies:
+                for seed in self.grid.seeds:
+                    strat = StrategyConfig(name, dict(self.strategy_params.get(name, {})))
+                    out.append(dataclasses.replace(self.run, world=world, strategy=strat, seed=seed))
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def checkpoint_schedule(budget: BudgetConfig, pool_size: int | None = None) -> list[int]:
+    """Evaluation points: explicit list, or geometric from ``first_checkpoint`` by ``ratio``."""
+    total = budget.total
+    if budget.checkpoints:
+        points = set(budget.checkpoints)
+    else:
+        points, q = set(), budget.first_checkpoint
+        while q < total:
+            points.add(int(q))
+            q = max(q + 1, int(math.ceil(q * budget.ratio)))
+    points |= {0, total}
+    return sorted(p for p in points if 0 <= p <= total)
+
+
+# ---------------------------------------------------------------------------------------
+# validation: dict (from TOML) -> dataclass, errors naming the dotted key
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            dict: "a table"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise QBudgetError(f"config key '{key}' must be a table")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise QBudgetError(f"config key '{key}' must be a list")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise QBudgetError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QBudgetError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp in (str, bool, dict) and not isinstance(value, tp):
+        raise QBudgetError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are named."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise QBudgetError(
+            f"unknown config key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    _check(obj, prefix)
+    return obj
+
+
+def _require(cond: bool, key: str, what: str, value: Any) -> None:
+    if not cond:
+        raise QBudgetError(f"config key '{key}' must be {what}, got {value!r}")
+
+
+def _check(obj: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    if isinstance(obj, BudgetConfig):
+        _require(obj.total >= 0, prefix + "total", "an integer >= 0", obj.total)
+        _require(obj.round_size >= 1, prefix + "round_size", "an integer >= 1", obj.round_size)
+        _require(obj.first_checkpoint >= 1, prefix + "first_checkpoint", ">= 1", obj.first_checkpoint)
+        _require(obj.ratio > 1, prefix + "ratio", "a number > 1", obj.ratio)
+        for c in obj.checkpoints:
+            _require(0 <= c <= obj.total, prefix + "checkpoints", f"within 0..{obj.total}", c)
+    elif isinstance(obj, DistillConfig):
+        for name in ("rank", "steps_per_round", "batch_size", "max_len"):
+            v = getattr(obj, name)
+            _require(v >= 1, prefix + name, "an integer >= 1", v)
+        _require(obj.learning_rate > 0, prefix + "learning_rate", "a number > 0", obj.learning_rate)
+    elif isinstance(obj, EvalSettings):
+        _require(obj.probe_subset >= 0, prefix + "probe_subset", "an integer >= 0", obj.probe_subset)
+        _require(len(obj.adversaries) > 0, prefix + "adversaries", "a non-empty list", obj.adversaries)
+    elif isinstance(obj, RunConfig):
+        _require(obj.seed >= 0, prefix + "seed", "an integer >= 0", obj.seed)
+        _require(bool(obj.world), prefix + "world", "a world name", obj.world)
+    elif isinstance(obj, GridConfig):
+        for name in ("worlds", "strategies", "seeds"):
+            v = getattr(obj, name)
+            _require(len(v) > 0, prefix + name, "a non-empty list (empty grid)", list(v))
+    elif isinstance(obj, BenchConfig):
+        _require(obj.workers >= 0, prefix + "workers", "an integer >= 0", obj.workers)
+        for name, params in obj.strategy_params.items():
+            _require(isinstance(params, dict), prefix + f"strategy_params.{name}", "a table", params)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise QBudgetError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise QBudgetError(f"{path}: malformed TOML ({exc})") from None
+
+
+def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
+    """Read a run config (or defaults) and apply CLI overrides (None = keep)."""
+    data = read_toml(path) if path else {}
+    cfg = from_dict(RunConfig, data)
+    return apply_overrides(cfg, **overrides)
+
+
+def apply_overrides(cfg: RunConfig, *, world: str | None = None, strategy: str | None = None,
+                    budget: int | None = None, seed: int | None = None) -> RunConfig:
+    if world is not None:
+        cfg = dataclasses.replace(cfg, world=world)
+    if strategy is not None and strategy != cfg.strategy.name:
+        cfg = dataclasses.replace(cfg, strategy=StrategyConfig(strategy, {}))
+    if budget is not None:
+        if budget < 0:
+            raise QBudgetError(f"--budget must be >= 0, got {budget}")
+        checkpoints = tuple(c for c in cfg.budget.checkpoints if c <= budget)
+        cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, total=budget,
+                                                                  checkpoints=checkpoints))
+    if seed is not None:
+        if seed < 0:
+            raise QBudgetError(f"--seed must be >= 0, got {seed}")
+        cfg = dataclasses.replace(cfg, seed=seed)
+    return cfg
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    return from_dict(BenchConfig, read_toml(path))

@@ -1,0 +1,196 @@
+"""Evaluate a student against its teacher on the probe: similarity and advantage rows.
+
+This is the one entry point the loop, ``qbudget eval`` and the benchmarks call. Given the
+probe prompts, the adversary-train mask and the answers, it returns result rows in the
+DESIGN.md schema (metric, adversary, category, value, ci_low, ci_high, n):
+
+- ``similarity`` / ``similarity_ceiling``: mean cosine (95% t-interval) of MiniLM
+  embeddings, teacher vs student / teacher vs a second teacher sample;
+- per adversary and category: ``advantage`` (2·acc − 1, Clopper–Pearson interval) and
+  ``p_value`` (one-sided C2ST binomial test), plus the bounds it ran under
+  (``adversary_q``, ``adversary_t``, ``adversary_flops``, category ``all``);
+- adversary ``max`` per category: the largest advantage, with Bonferroni-corrected
+  intervals (level alpha / number of adversaries) so the max's interval stays valid
+  despite picking the best of several, and a Bonferroni-adjusted p-value.
+
+:func:`verdict` turns rows into the ε statement: indistinguishable at ε when every
+adversary's overall upper bound is ≤ ε.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from qbudget.adversaries import DEFAULT_ADVERSARIES, AdversaryData, get_adversary
+from qbudget.adversaries.base import check_sample_bound
+from qbudget.adversaries.embed import EmbedConfig
+from qbudget.adversaries.finetune import FinetuneConfig
+from qbudget.adversaries.ngram import NgramConfig
+from qbudget.adversaries.pairwise import PairwiseConfig
+from qbudget.errors import QBudgetError
+from qbudget.pool import Prompt, category_index
+from qbudget.similarity import pair_cosines, similarity_rows
+from qbudget.stats import advantage_interval, bonferroni_alpha, bonferroni_p, c2st_p_value
+
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which adversaries to run (with their q and t bounds) and the confidence level."""
+
+    adversaries: tuple[str, ...] = DEFAULT_ADVERSARIES
+    alpha: float = 0.05
+    similarity: bool = True
+    encode_batch_size: int = 64
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def adversary_config(self, name: str):
+        get_adversary(name)  # validates the name
+        return getattr(self, name)
+
+
+def _row(metric, adversary, category, value, lo=NAN, hi=NAN, n=0) -> dict:
+    return {"metric": metric, "adversary": adversary, "category": category,
+            "value": float(value), "ci_low": float(lo), "ci_high": float(hi), "n": int(n)}
+
+
+def _needs_embeddings(config: EvalConfig) -> bool:
+    if config.similarity:
+        return True
+    return any(a in ("embed", "finetune") or (a == "pairwise" and config.pairwise.use_embeddings)
+               for a in config.adversaries)
+
+
+def _encode_all(encoder, groups: dict[str, list[str]], batch_size: int) -> dict[str, np.ndarray]:
+    """Encode several text lists in one call, each distinct string once."""
+    uniq: dict[str, int] = {}
+    for texts in groups.values():
+        for t in texts:
+            uniq.setdefault(t, len(uniq))
+    emb = encoder.encode(list(uniq), batch_size=batch_size)
+    return {name: emb[[uniq[t] for t in texts]] for name, texts in groups.items()}
+
+
+def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Sequence[str],
+                     student: Sequence[str], teacher2: Sequence[str] | None = None, *,
+                     encoder=None, config: EvalConfig | None = None, key: jax.Array,
+                     timings: dict | None = None) -> list[dict]:
+    """Similarity and adversary rows for one student; see the module docstring.
+
+    ``timings`` (optional dict) receives seconds per stage (encode, each adversary).
+    """
+    config = config or EvalConfig()
+    timings = {} if timings is None else timings
+    n = len(probe)
+    is_train = np.asarray(is_train, bool)
+    if n == 0:
+        raise QBudgetError("the probe is empty")
+    for name, xs in (("teacher", teacher), ("student", student), ("teacher2", teacher2),
+                     ("is_train", is_train)):
+        if xs is not None and len(xs) != n:
+            raise QBudgetError(f"{name} has {len(xs)} entries but the probe has {n} prompts")
+    for name in config.adversaries:
+        check_sample_bound(config.adversary_config(name).q, int(is_train.sum()))
+    cats, names = category_index(probe)
+    data = AdversaryData(prompts=[p.text for p in probe], teacher=list(teacher),
+                         student=list(student), categories=cats,
+                         train_idx=np.flatnonzero(is_train), test_idx=np.flatnonzero(~is_train),
+                         encoder=encoder, encode_batch_size=config.encode_batch_size)
+    rows: list[dict] = []
+
+    if _needs_embeddings(config):
+        if encoder is None:
+            raise QBudgetError("evaluation needs a SentenceEncoder (encoder=...)")
+        t0 = time.perf_counter()
+        groups = {"teacher": data.teacher, "student": data.student}
+        if ("embed" in config.adversaries and config.embed.use_prompt) or (
+                "pairwise" in config.adversaries and config.pairwise.use_embeddings):
+            groups["prompts"] = data.prompts
+        if teacher2 is not None and config.similarity:
+            groups["teacher2"] = list(teacher2)
+        emb = _encode_all(encoder, groups, config.encode_batch_size)
+        for k, v in emb.items():
+            if k != "teacher2":
+                data.set_embeddings(k, v)
+        timings["encode"] = time.perf_counter() - t0
+        timings["encoded_texts"] = sum(len(v) for v in groups.values())
+        if config.similarity:
+            rows += similarity_rows("similarity", pair_cosines(emb["teacher"], emb["student"]),
+                                    cats, names, config.alpha)
+            if "teacher2" in emb:
+                rows += similarity_rows("similarity_ceiling",
+                                        pair_cosines(emb["teacher"], emb["teacher2"]),
+                                        cats, names, config.alpha)
+
+    m = len(config.adversaries)
+    alpha_b = bonferroni_alpha(config.alpha, m)
+    per_cat_best: dict[str, list] = {}
+    for name in config.adversaries:
+        run, _ = get_adversary(name)
+        t0 = time.perf_counter()
+        res = run(data, config.adversary_config(name), jax.random.fold_in(key, zlib.crc32(name.encode())))
+        timings[name] = time.perf_counter() - t0
+        groups = [("all", np.ones(len(res.correct), bool))]
+        groups += [(c, res.unit_category == i) for i, c in enumerate(names)]
+        for cat, sel in groups:
+            k, nn = int(res.correct[sel].sum()), int(sel.sum())
+            if nn == 0:
+                continue
+            adv, lo, hi = advantage_interval(k, nn, config.alpha)
+            p = c2st_p_value(k, nn)
+            rows.append(_row("advantage", name, cat, adv, lo, hi, nn))
+            rows.append(_row("p_value", name, cat, p, n=nn))
+            _, blo, bhi = advantage_interval(k, nn, alpha_b)
+            per_cat_best.setdefault(cat, []).append((adv, blo, bhi, p, nn))
+        rows.append(_row("adversary_q", name, "all", res.q, n=res.q))
+        rows.append(_row("adversary_t", name, "all", res.t, n=res.q))
+        rows.append(_row("adversary_flops", name, "all", res.flops, n=res.q))
+        for extra, value in res.extra.items():
+            rows.append(_row(f"adversary_{extra}", name, "all", value, n=len(res.correct)))
+
+    for cat, entries in per_cat_best.items():
+        best = max(entries, key=lambda e: e[0])
+        rows.append(_row("advantage", "max", cat, best[0], max(e[1] for e in entries),
+                         max(e[2] for e in entries), best[4]))
+        rows.append(_row("p_value", "max", cat, bonferroni_p(min(e[3] for e in entries), m),
+                         n=best[4]))
+    return rows
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """ε statement: indistinguishable iff every adversary's overall upper bound ≤ ε."""
+
+    epsilon: float
+    indistinguishable: bool
+    worst_adversary: str
+    worst_upper: float
+
+    def __bool__(self) -> bool:
+        return self.indistinguishable
+
+    def message(self) -> str:
+        word = "indistinguishable" if self.indistinguishable else "distinguishable"
+        return (f"{word} at epsilon={self.epsilon:g}: largest advantage upper bound "
+                f"{self.worst_upper:.3f} ({self.worst_adversary})")
+
+
+def verdict(rows: Sequence[dict], epsilon: float) -> Verdict:
+    """Apply the ε criterion to the per-adversary, category-``all`` advantage rows."""
+    adv = [r for r in rows if r["metric"] == "advantage" and r["category"] == "all"
+           and r["adversary"] != "max"]
+    if not adv:
+        raise QBudgetError("no advantage rows to judge (no adversary was run)")
+    worst = max(adv, key=lambda r: r["ci_high"])
+    return Verdict(float(epsilon), bool(all(r["ci_high"] <= epsilon for r in adv)),
+                   worst["adversary"], float(worst["ci_high"]))

@@ -1,0 +1,402 @@
+"""The budget ledger and the response cache: SQLite (stdlib, WAL), durable and atomic.
+
+Every teacher answer costs money, so the bookkeeping must survive a crash, a flaky endpoint
+and concurrent buyers:
+
+``ResponseCache``
+    answers keyed by (oracle fingerprint, sha256 of the prompt text, sample), shared between
+    runs, sweep cells and processes: a second strategy or seed replaying a prompt pays once.
+
+``Ledger``
+    one per run. ``buy`` first *reserves* budget in a ``BEGIN IMMEDIATE`` transaction (so q
+    never exceeds the budget, whatever threads or processes buy concurrently), then gets the
+    answers -- from the run's own store, else the shared cache, else the oracle -- and commits
+    the purchase before returning. A failed oracle call rolls the reservation back: it is
+    never charged. Answers that did arrive before a failure are kept (and counted as paid)
+    so a retry does not pay for them again. A process killed mid-purchase leaves only a
+    reservation owned by a dead process, which the next opener removes: reopening the file
+    resumes the run.
+
+Two counts: ``q``, the training queries the run consumed (the x axis of every curve), and
+``paid``, the oracle calls this run actually made for them. Evaluation (probe) answers go
+through the same store and cache but are counted apart (``eval_paid``) and never touch q.
+
+A prompt already bought in this run is refused (QBudgetError) rather than silently served:
+the loop never asks twice, so a repeat means a bug or a resume that forgot ``bought()``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from qbudget.errors import QBudgetError
+from qbudget.oracles.base import Oracle, OracleCallError, prompt_hash
+from qbudget.pool import Prompt
+
+_HOST = socket.gethostname()
+_SQL_CHUNK = 500  # stay well under SQLite's bound-parameter limit
+
+
+def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+class _Db:
+    """One SQLite file, one connection per thread (and per process after a fork)."""
+
+    def __init__(self, path: str | Path, schema: str):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise QBudgetError(f"{self.path} exists and is not a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._schema = schema
+        self._local = threading.local()
+        self._all: list[tuple[int, sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        with self.tx() as con:
+            for stmt in filter(str.strip, schema.split(";")):
+                con.execute(stmt)
+
+    def conn(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None or self._local.pid != os.getpid():
+            try:
+                # check_same_thread=False only so close() can close every thread's
+                # connection; each connection is still used by its own thread alone
+                con = sqlite3.connect(self.path, timeout=120, isolation_level=None,
+                                      check_same_thread=False)
+                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                con.execute("PRAGMA synchronous=FULL")
+                con.execute("PRAGMA busy_timeout=120000")
+            except sqlite3.DatabaseError as exc:
+                raise QBudgetError(f"{self.path}: not a usable SQLite database ({exc})") from None
+            if mode.lower() != "wal":
+                raise QBudgetError(f"{self.path}: cannot switch to WAL journal mode ({mode})")
+            self._local.con, self._local.pid = con, os.getpid()
+            with self._lock:
+                self._all.append((os.getpid(), con))
+        return con
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database's write lock up front."""
+        con = self.conn()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise QBudgetError(f"{self.path}: not a usable SQLite database ({exc})") from None
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for pid, con in self._all:
+                if pid != os.getpid():  # a forked child must not touch its parent's handles
+                    continue
+                try:
+                    con.close()
+                except sqlite3.Error:  # pragma: no cover - already closed
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+
+class ResponseCache:
+    """Answers shared across runs and processes, keyed (fingerprint, sha256(text), sample)."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS responses (
+        fingerprint TEXT NOT NULL, prompt_sha TEXT NOT NULL, sample INTEGER NOT NULL,
+        response TEXT NOT NULL, PRIMARY KEY (fingerprint, prompt_sha, sample)
+    ) WITHOUT ROWID
+    """
+
+    def __init__(self, path: str | Path):
+        self._db = _Db(path, self.SCHEMA)
+        self.path = self._db.path
+
+    def get_many(self, fingerprint: str, texts: Sequence[str], sample: int = 0) -> dict[int, str]:
+        """Cached answers for ``texts``: {position: response} for the hits only."""
+        shas = [prompt_hash(t) for t in texts]
+        found: dict[str, str] = {}
+        con = self._db.conn()
+        for part in _chunks(sorted(set(shas)), _SQL_CHUNK):
+            marks = ",".join("?" * len(part))
+            for sha, resp in con.execute(
+                    f"SELECT prompt_sha, response FROM responses WHERE fingerprint=? AND sample=? "
+                    f"AND prompt_sha IN ({marks})", (fingerprint, sample, *part)):
+                found[sha] = resp
+        return {i: found[s] for i, s in enumerate(shas) if s in found}
+
+    def put_many(self, fingerprint: str, items: Sequence[tuple[str, str]], sample: int = 0) -> None:
+        """Store (prompt text, response) pairs; the first answer stored for a key wins."""
+        if not items:
+            return
+        with self._db.tx() as con:
+            con.executemany(
+                "INSERT OR IGNORE INTO responses (fingerprint, prompt_sha, sample, response) "
+                "VALUES (?, ?, ?, ?)",
+                [(fingerprint, prompt_hash(t), sample, r) for t, r in items])
+
+    def __len__(self) -> int:
+        return self._db.conn().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed but not yet reaped child is a zombie: it will never finish its purchase
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Ledger:
+    """One run's budget and purchases (see the module docstring for the guarantees)."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS purchases (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        prompt_id TEXT NOT NULL UNIQUE,
+        prompt_text TEXT NOT NULL,
+        response TEXT,
+        state TEXT NOT NULL CHECK (state IN ('reserved', 'bought')),
+        owner TEXT
+    );
+    CREATE TABLE IF NOT EXISTS answers (
+        fingerprint TEXT NOT NULL, prompt_sha TEXT NOT NULL, sample INTEGER NOT NULL,
+        response TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('train', 'eval')),
+        paid INTEGER NOT NULL,
+        PRIMARY KEY (fingerprint, prompt_sha, sample)
+    ) WITHOUT ROWID
+    """
+
+    def __init__(self, path: str | Path, budget: int, cache: ResponseCache | None = None):
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise QBudgetError(f"budget must be a non-negative integer, got {budget!r}")
+        self._db = _Db(path, self.SCHEMA)
+        self.path = self._db.path
+        self._budget = budget
+        self.cache = cache
+        with self._db.tx() as con:
+            row = con.execute("SELECT value FROM meta WHERE key='budget'").fetchone()
+            if row is None:
+                con.execute("INSERT INTO meta VALUES ('budget', ?)", (str(budget),))
+            elif int(row[0]) != budget:
+                raise QBudgetError(f"ledger {self.path} was started with budget {row[0]}, "
+                                   f"not {budget}")
+            self._clear_stale(con)
+
+    # -- counts --------------------------------------------------------------------------
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    def _scalar(self, sql: str, *args) -> int:
+        return int(self._db.conn().execute(sql, args).fetchone()[0])
+
+    @property
+    def q(self) -> int:
+        """Training queries consumed (committed purchases)."""
+        return self._scalar("SELECT COUNT(*) FROM purchases WHERE state='bought'")
+
+    @property
+    def paid(self) -> int:
+        """Oracle calls this run made for training answers (cache hits are free)."""
+        return self._scalar("SELECT COUNT(*) FROM answers WHERE kind='train' AND paid=1")
+
+    @property
+    def eval_paid(self) -> int:
+        """Oracle calls this run made for evaluation (probe) answers."""
+        return self._scalar("SELECT COUNT(*) FROM answers WHERE kind='eval' AND paid=1")
+
+    @property
+    def remaining(self) -> int:
+        """Budget not yet bought nor reserved by an in-flight purchase."""
+        return self._budget - self._scalar("SELECT COUNT(*) FROM purchases")
+
+    def bought(self) -> list[tuple[str, str]]:
+        """(prompt id, response) of every committed purchase, in purchase order."""
+        return [tuple(r) for r in self._db.conn().execute(
+            "SELECT prompt_id, response FROM purchases WHERE state='bought' ORDER BY seq")]
+
+    def bought_records(self) -> list[tuple[str, str, str]]:
+        """(prompt id, prompt text, response) in purchase order (for replay files)."""
+        return [tuple(r) for r in self._db.conn().execute(
+            "SELECT prompt_id, prompt_text, response FROM purchases WHERE state='bought' "
+            "ORDER BY seq")]
+
+    # -- buying --------------------------------------------------------------------------
+    @staticmethod
+    def _clear_stale(con: sqlite3.Connection) -> None:
+        """Drop reservations whose owning process on this host is dead (killed mid-purchase)."""
+        for (owner,) in con.execute(
+                "SELECT DISTINCT owner FROM purchases WHERE state='reserved'").fetchall():
+            host, pid, _ = (owner or "::").split(":", 2)
+            if host == _HOST and pid.isdigit() and int(pid) != os.getpid() \
+                    and not _pid_alive(int(pid)):
+                con.execute("DELETE FROM purchases WHERE owner=? AND state='reserved'", (owner,))
+
+    def buy(self, oracle: Oracle, prompts: Sequence[Prompt]) -> list[str]:
+        """Buy answers for ``prompts``: all of them, durably, within budget -- or none."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        ids = [p.id for p in prompts]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise QBudgetError(f"prompt '{dup}' appears twice in one purchase")
+        owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
+        with self._db.tx() as con:
+            self._check_oracle(con, oracle)
+            self._clear_stale(con)
+            for part in _chunks(ids, _SQL_CHUNK):
+                marks = ",".join("?" * len(part))
+                row = con.execute(f"SELECT prompt_id, state FROM purchases WHERE prompt_id IN "
+                                  f"({marks}) LIMIT 1", part).fetchone()
+                if row is not None:
+                    how = "already bought" if row[1] == "bought" else "being bought concurrently"
+                    raise QBudgetError(f"prompt '{row[0]}' is {how} in this run")
+            used = con.execute("SELECT COUNT(*) FROM purchases").fetchone()[0]
+            if used + len(prompts) > self._budget:
+                raise QBudgetError(
+                    f"buying {len(prompts)} answers would exceed the budget: "
+                    f"{used} of {self._budget} queries used, {self._budget - used} left")
+            con.executemany(
+                "INSERT INTO purchases (prompt_id, prompt_text, state, owner) "
+                "VALUES (?, ?, 'reserved', ?)", [(p.id, p.text, owner) for p in prompts])
+        try:
+            answers = self._answers(oracle, prompts, 0, "train", len(prompts))
+            with self._db.tx() as con:
+                for p, resp in zip(prompts, answers):
+                    cur = con.execute(
+                        "UPDATE purchases SET state='bought', response=?, owner=NULL "
+                        "WHERE prompt_id=? AND owner=? AND state='reserved'", (resp, p.id, owner))
+                    if cur.rowcount != 1:
+                        raise RuntimeError(f"reservation for prompt '{p.id}' vanished")
+        except BaseException:
+            with self._db.tx() as con:
+                con.execute("DELETE FROM purchases WHERE owner=? AND state='reserved'", (owner,))
+            raise
+        return answers
+
+    def _check_oracle(self, con: sqlite3.Connection, oracle: Oracle) -> None:
+        row = con.execute("SELECT value FROM meta WHERE key='oracle_fingerprint'").fetchone()
+        if row is None:
+            con.execute("INSERT INTO meta VALUES ('oracle_fingerprint', ?)", (oracle.fingerprint,))
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('oracle_name', ?)", (oracle.name,))
+        elif row[0] != oracle.fingerprint:
+            raise QBudgetError(
+                f"this run bought its answers from another oracle (fingerprint {row[0][:12]}), "
+                f"not {oracle.name} ({oracle.fingerprint[:12]}): mixing teachers is refused")
+
+    def evaluation_answers(self, oracle: Oracle, prompts: Sequence[Prompt], sample: int = 0,
+                           chunk_size: int = 256) -> list[str]:
+        """Probe answers through the same store and cache, counted in ``eval_paid``, never q.
+
+        Oracle calls are made ``chunk_size`` prompts at a time and committed after each
+        chunk, so an interrupted evaluation keeps what it already paid for.
+        """
+        return self._answers(oracle, list(prompts), int(sample), "eval", max(1, chunk_size))
+
+    # -- answers: run store -> shared cache -> oracle --------------------------------------
+    def _store_get(self, fp: str, shas: Sequence[str], sample: int) -> dict[str, str]:
+        found: dict[str, str] = {}
+        con = self._db.conn()
+        for part in _chunks(sorted(set(shas)), _SQL_CHUNK):
+            marks = ",".join("?" * len(part))
+            found.update(con.execute(
+                f"SELECT prompt_sha, response FROM answers WHERE fingerprint=? AND sample=? "
+                f"AND prompt_sha IN ({marks})", (fp, sample, *part)).fetchall())
+        return found
+
+    def _store_put(self, fp: str, items: dict[str, tuple[str, str]], sample: int, kind: str,
+                   paid: bool) -> None:
+        """items: sha -> (text, response). Committed to the run's own store first, then cache."""
+        if not items:
+            return
+        with self._db.tx() as con:
+            con.executemany(
+                "INSERT OR IGNORE INTO answers (fingerprint, prompt_sha, sample, response, kind, "
+                "paid) VALUES (?, ?, ?, ?, ?, ?)",
+                [(fp, sha, sample, resp, kind, int(paid)) for sha, (_, resp) in items.items()])
+        if paid and self.cache is not None:
+            self.cache.put_many(fp, list(items.values()), sample)
+
+    def _answers(self, oracle: Oracle, prompts: list[Prompt], sample: int, kind: str,
+                 chunk_size: int) -> list[str]:
+        if not prompts:
+            return []
+        fp = oracle.fingerprint
+        shas = [prompt_hash(p.text) for p in prompts]
+        have = self._store_get(fp, shas, sample)
+        # one representative prompt per missing text: the same text is never paid twice
+        missing: dict[str, Prompt] = {}
+        for p, sha in zip(prompts, shas):
+            if sha not in have:
+                missing.setdefault(sha, p)
+        if missing and self.cache is not None:
+            order = list(missing)
+            hits = self.cache.get_many(fp, [missing[s].text for s in order], sample)
+            from_cache = {order[i]: (missing[order[i]].text, r) for i, r in hits.items()}
+            self._store_put(fp, from_cache, sample, kind, paid=False)
+            for sha, (_, resp) in from_cache.items():
+                have[sha] = resp
+                del missing[sha]
+        todo = list(missing.items())
+        for part in _chunks(todo, chunk_size):
+            batch = [p for _, p in part]
+            try:
+                got = oracle.answer(batch, sample=sample)
+            except OracleCallError as exc:
+                kept = {part[i][0]: (batch[i].text, r) for i, r in exc.partial.items()}
+                self._store_put(fp, kept, sample, kind, paid=True)
+                raise
+            if len(got) != len(batch) or not all(isinstance(r, str) for r in got):
+                raise RuntimeError(f"oracle {oracle.name} returned {len(got)} answers "
+                                   f"for {len(batch)} prompts")
+            fresh = {sha: (p.text, r) for (sha, p), r in zip(part, got)}
+            self._store_put(fp, fresh, sample, kind, paid=True)
+            have.update({sha: r for sha, (_, r) in fresh.items()})
+        # re-read what is stored: if a concurrent buyer stored the same text first, its
+        # answer is the run's answer (first stored wins, as in the cache)
+        if todo:
+            have.update(self._store_get(fp, [sha for sha, _ in todo], sample))
+        return [have[sha] for sha in shas]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,419 @@
+"""Decoder-only transformer (Llama and Qwen2 families) in flax.nnx.
+
+Why our own: transformers 5 ships no Flax models, and the student, the embedded
+teachers and the committee all run forward/backward passes thousands of times on a
+CPU, so the model has to be a plain JAX function XLA can compile. The architecture is
+the one both families share — RMSNorm, rotary embeddings (``rope_theta`` from the
+config, the "default" rope type only), grouped-query attention, SwiGLU MLP — with the
+two differences that matter: Qwen2 puts biases on q/k/v, and embeddings may be tied
+to the output head. Module attribute names follow the Hugging Face parameter names
+(``layers[i].self_attn.q_proj``), so the checkpoint table in ``checkpoint.py`` is short.
+
+Positions come from the attention mask (``cumsum(mask) - 1``), as transformers'
+``generate`` does, so a left-padded row gives the same logits as the unpadded row.
+
+Pure forward for vmapping (a committee of LoRA students over one frozen base)::
+
+    graphdef, lora, base = split_lora(model)            # nnx.split(model, nnx.LoRAParam, ...)
+    fwd = functools.partial(apply, graphdef)             # apply(graphdef, lora, base, ids, mask)
+    logits = jax.vmap(fwd, in_axes=(0, None, None, None))(stacked_lora, base, ids, mask)
+
+where ``stacked_lora`` is a pytree of LoRA states stacked on a leading axis (e.g.
+``jax.tree.map(lambda *xs: jnp.stack(xs), *loras)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qbudget.errors import QBudgetError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """The hashable subset of a transformers config that defines the computation."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderSpec":
+        """Validate a transformers config; refuse what this implementation does not compute."""
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise QBudgetError(f"unsupported model_type {mt!r}; supported: "
+                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise QBudgetError(f"unsupported hidden_act {act!r}; supported: silu")
+        rope = getattr(config, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and "rope_type" not in rope and len(rope) and all(
+                isinstance(v, dict) for v in rope.values()):
+            raise QBudgetError("unsupported rope_parameters (per-layer-type rope); supported: "
+                               "rope_type 'default'")
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+        if rope_type != "default":
+            raise QBudgetError(f"unsupported rope_scaling / rope_type {rope_type!r}; "
+                               "supported: 'default' (no rope scaling)")
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+        if getattr(config, "use_sliding_window", False):
+            raise QBudgetError("unsupported use_sliding_window=true; supported: false "
+                               "(full attention only)")
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise QBudgetError(f"unsupported layer_types {sorted(set(layer_types))}; "
+                               "supported: full_attention")
+        if getattr(config, "pretraining_tp", 1) not in (1, None):
+            raise QBudgetError("unsupported pretraining_tp != 1; supported: 1")
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        if heads % kv:
+            raise QBudgetError(f"num_attention_heads={heads} is not a multiple of "
+                               f"num_key_value_heads={kv}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        qwen = mt == "qwen2"
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=int(config.vocab_size), hidden_size=int(config.hidden_size),
+            intermediate_size=int(config.intermediate_size),
+            num_layers=int(config.num_hidden_layers), num_heads=heads, num_kv_heads=kv,
+            head_dim=int(head_dim), rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qwen or attn_bias, o_bias=(not qwen) and attn_bias,
+            mlp_bias=(not qwen) and bool(getattr(config, "mlp_bias", False)),
+            initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02))
+
+
+class _Opaque:
+    """Holds a non-hashable object (the transformers config) as a static nnx attribute."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+class Linear(nnx.Module):
+    """``x @ kernel (+ bias)``, plus an optional LoRA branch ``scale * x @ A @ B``.
+
+    The kernel is stored [in, out] (transposed w.r.t. torch). ``lora`` is an ``nnx.LoRA``
+    attached by :func:`qbudget.models.lora.attach_lora`; nnx.LoRA has no alpha, so the
+    alpha / rank scale is kept here as a static float.
+    """
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype, init_std: float, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (din, dout), dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+        self.lora = nnx.data(None)   # data attribute: may later hold an nnx.LoRA
+        self.lora_scale = 0.0
+        self.in_features, self.out_features = din, dout
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.lora is not None:
+            y = y + self.lora_scale * self.lora(x)
+        return y
+
+
+FUSE_PROJECTIONS = True
+
+
+def fused_linear(x, linears):
+    """Several Linears on the same input as one wide matmul (bigger GEMMs run faster on
+    CPU); LoRA branches, if any, are added per projection. Same math as calling each."""
+    if not FUSE_PROJECTIONS:
+        return tuple(lin(x) for lin in linears)
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+    y = x @ kernel
+    if any(lin.bias is not None for lin in linears):
+        y = y + jnp.concatenate([lin.bias[...] if lin.bias is not None
+                                 else jnp.zeros((lin.out_features,), y.dtype) for lin in linears])
+    outs, start = [], 0
+    for lin in linears:
+        o = y[..., start:start + lin.out_features]
+        start += lin.out_features
+        if lin.lora is not None:
+            o = o + lin.lora_scale * lin.lora(x)
+        outs.append(o)
+    return tuple(outs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """cos/sin [B, T, head_dim] for integer positions [B, T] (HF's non-interleaved layout)."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]; rotate_half convention."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, :, None, :].astype(x.dtype) + rot * sin[:, :, None, :].astype(x.dtype))
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,D]; k, v [B,S,Hkv,D]; mask [B,T,S] bool."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, h // hkv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+    s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, spec: DecoderSpec, dtype, rngs: nnx.Rngs):
+        h, kv, d, e = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+        std = spec.initializer_range
+        self.q_proj = Linear(e, h * d, bias=spec.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.k_proj = Linear(e, kv * d, bias=spec.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.v_proj = Linear(e, kv * d, bias=spec.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.o_proj = Linear(h * d, e, bias=spec.o_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+
+    def __call__(self, x, cos, sin, mask, cache=None, index=None):
+        b, t, _ = x.shape
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            kc, vc = cache
+            k = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, index, 0, 0))
+            cache = (k, v)
+        return self.o_proj(attention(q, k, v, mask)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, spec: DecoderSpec, dtype, rngs: nnx.Rngs):
+        e, i, std = spec.hidden_size, spec.intermediate_size, spec.initializer_range
+        self.gate_proj = Linear(e, i, bias=spec.mlp_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.up_proj = Linear(e, i, bias=spec.mlp_bias, dtype=dtype, init_std=std, rngs=rngs)
+        self.down_proj = Linear(i, e, bias=spec.mlp_bias, dtype=dtype, init_std=std, rngs=rngs)
+
+    def __call__(self, x):
+        gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, spec: DecoderSpec, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.self_attn = Attention(spec, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp = MLP(spec, dtype, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, index=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype, init_std: float, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(init_std * jax.random.normal(rngs.params(), (vocab, dim), dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class Backbone(nnx.Module):
+    def __init__(self, spec: DecoderSpec, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(spec.vocab_size, spec.hidden_size, dtype,
+                                  spec.initializer_range, rngs)
+        self.layers = nnx.List([DecoderLayer(spec, dtype, rngs) for _ in range(spec.num_layers)])
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+def positions_from_mask(mask):
+    """Position ids as transformers' generate computes them: cumsum(mask) - 1, pads at 0."""
+    mask = mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+    """A Llama/Qwen2 causal LM. ``lm(input_ids, attention_mask=None) -> logits [B,T,V]``.
+
+    Build with :meth:`from_pretrained` (HF folder), :meth:`from_config` (random init), and
+    write back with :meth:`save_pretrained` (loadable by transformers' PyTorch classes).
+    """
+
+    def __init__(self, config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        spec = DecoderSpec.from_config(config)
+        self.spec = spec
+        self._config = _Opaque(config)
+        self.dtype = jnp.dtype(dtype).name
+        self.model = Backbone(spec, dtype, rngs)
+        self.lm_head = None if spec.tie_word_embeddings else Linear(
+            spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype,
+            init_std=spec.initializer_range, rngs=rngs)
+        self.lora_info = None   # (rank, alpha, targets) once adapters are attached
+
+    # -- construction / I/O (implemented in checkpoint.py) ----------------------------------
+
+    @property
+    def config(self):
+        """The transformers config object this model was built from."""
+        return self._config.value
+
+    @classmethod
+    def from_config(cls, config, *, key, dtype=jnp.float32) -> "CausalLM":
+        """Random initialisation (normal(initializer_range) weights, unit norms, zero biases)."""
+        return cls(config, dtype=dtype, rngs=nnx.Rngs(params=key))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=jnp.float32) -> "CausalLM":
+        from qbudget.models.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype)
+
+    def save_pretrained(self, path) -> None:
+        from qbudget.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    def generate(self, prompt_ids, **kwargs):
+        """Token-level generation; see :func:`qbudget.models.generate.generate`."""
+        from qbudget.models.generate import generate
+
+        return generate(self, prompt_ids, **kwargs)
+
+    # -- computation --------------------------------------------------------------------------
+
+    def logits_from_hidden(self, h):
+        if self.lm_head is None:
+            return (h @ self.model.embed_tokens.embedding[...].T).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def hidden(self, input_ids, positions, mask, cache=None, index=None):
+        """Final hidden states [B,T,E]; ``mask`` [B,T,S] says which keys each query sees."""
+        spec = self.spec
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta)
+        new_cache = []
+        for i, layer in enumerate(self.model.layers):
+            x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
+            new_cache.append(c)
+        return self.model.norm(x), (new_cache if cache is not None else None)
+
+    def __call__(self, input_ids, attention_mask=None):
+        """Logits [B,T,V] float32. Outside a jax transformation this runs as one jitted
+        call (eager op-by-op dispatch would compile every primitive separately)."""
+        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(
+                attention_mask, jax.core.Tracer):
+            return logits(self, input_ids, attention_mask)
+        return self.forward(input_ids, attention_mask)
+
+    def forward(self, input_ids, attention_mask=None):
+        """The un-jitted forward (what :meth:`__call__` computes); use inside jit/vmap."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask = jnp.asarray(attention_mask).astype(bool)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None] & attention_mask[:, None, :]
+        h, _ = self.hidden(input_ids, positions_from_mask(attention_mask), mask)
+        return self.logits_from_hidden(h)
+
+    def init_cache(self, batch: int, length: int):
+        """Zeroed KV cache: a list over layers of (k, v) [B, S, Hkv, D]."""
+        shape = (batch, length, self.spec.num_kv_heads, self.spec.head_dim)
+        dt = jnp.dtype(self.dtype)
+        return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(self.spec.num_layers)]
+
+    def decode(self, input_ids, positions, cache, index, kv_mask, last_only: bool = False):
+        """Run ``input_ids`` [B,T] written at cache slots index..index+T-1.
+
+        ``kv_mask`` [B,S] marks real (non-pad) cache slots; a query at slot ``index+t``
+        sees slots ``<= index+t``. Returns (logits [B,T,V] — [B,1,V] with ``last_only`` —,
+        new cache).
+        """
+        t = input_ids.shape[1]
+        s = kv_mask.shape[1]
+        q_slot = index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_mask.astype(bool)[:, None, :]
+        h, cache = self.hidden(input_ids, positions, mask, cache, index)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits_from_hidden(h), cache
+
+
+# -- pure functional forward (for jit / vmap over split states) ------------------------------
+
+
+def split_lora(model: CausalLM):
+    """``(graphdef, lora_state, base_state)``: LoRA params split before everything else."""
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(graphdef, states, input_ids, attention_mask):
+    return nnx.merge(graphdef, *states).forward(input_ids, attention_mask)
+
+
+def apply(graphdef, *states_and_inputs: Any):
+    """Pure forward: ``apply(graphdef, *states, input_ids, attention_mask) -> logits``.
+
+    ``states`` are what ``nnx.split(model, ...)`` returned after the graphdef (e.g. the
+    ``lora_state, base_state`` of :func:`split_lora`). Not jitted itself, so it can be
+    wrapped in ``jax.vmap``/``jax.jit`` by the caller.
+    """
+    *states, input_ids, attention_mask = states_and_inputs
+    return nnx.merge(graphdef, *states).forward(input_ids, attention_mask)
+
+
+def logits(model: CausalLM, input_ids, attention_mask=None):
+    """Jitted forward through ``nnx.split`` (no per-call nnx graph traversal inside jit)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    graphdef, state = nnx.split(model)
+    return _apply_jit(graphdef, (state,), input_ids, jnp.asarray(attention_mask, jnp.int32))

@@ -1,0 +1,169 @@
+"""Batched KV-cache generation, jitted end to end.
+
+One compiled call per batch does the prefill and the whole decode loop
+(``lax.while_loop`` that exits as soon as every row has produced eos), so the per-token
+cost is one XLA loop iteration, not a Python round trip. Prompts are left-padded; the
+batch size and prompt length are rounded up to a few buckets so a long run compiles a
+bounded set of shapes (rows added to fill a batch bucket are dropped afterwards).
+
+Sampling: greedy when ``temperature == 0``; otherwise softmax(logits / temperature)
+restricted to the top-p nucleus. Row ``i``'s randomness is ``fold_in(key(seeds[i]),
+step)``, so a prompt's sample depends only on its seed, never on its batch-mates or on
+where the batch boundaries fall.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qbudget.errors import QBudgetError
+from qbudget.models.text import encode_prompt
+
+#: Prompt-length buckets (tokens); longer prompts round up to a multiple of 128.
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def _bucket_len(n: int) -> int:
+    for b in LENGTH_BUCKETS:
+        if n <= b:
+            return b
+    return -(-n // 128) * 128
+
+
+def _bucket_batch(n: int, cap: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, cap) if n <= cap else n
+
+
+def _sample(logits, keys, step, temperature, top_p, *, greedy: bool, nucleus: bool):
+    """Next token per row from float32 logits [B, V].
+
+    ``greedy``/``nucleus`` are static (they change the program); ``temperature`` and
+    ``top_p`` are traced, so changing their values does not recompile.
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if nucleus:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs      # mass strictly before each token
+        keep_sorted = before < top_p                      # always keeps the top token
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "nucleus"))
+def _generate_batch(state, ids, mask, seeds, eos, pad, temperature, top_p, *, graphdef,
+                    max_new: int, greedy: bool, nucleus: bool):
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    keys = jax.vmap(jax.random.key)(seeds)
+    cache = model.init_cache(b, p + max_new)
+    kv_mask = jnp.concatenate([mask, jnp.ones((b, max_new), mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    logits, cache = model.decode(ids, positions, cache, 0, kv_mask, last_only=True)
+    tok = _sample(logits[:, -1], keys, 0, temperature, top_p, greedy=greedy, nucleus=nucleus)
+    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
+    done = tok == eos
+    pos = positions[:, -1] + 1
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, pos, cache, done, out = carry
+        logits, cache = model.decode(tok[:, None], pos[:, None], cache, p + i - 1, kv_mask)
+        nxt = _sample(logits[:, 0], keys, i, temperature, top_p, greedy=greedy,
+                      nucleus=nucleus)
+        nxt = jnp.where(done, pad, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+        return i + 1, nxt, pos + 1, cache, done | (nxt == eos), out
+
+    carry = (jnp.int32(1), tok, pos, cache, done, out)
+    *_, out = jax.lax.while_loop(cond, body, carry)
+    return out
+
+
+def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
+             batch_size: int = 64, eos_token_id: int | None = None,
+             pad_token_id: int | None = None) -> list[list[int]]:
+    """New token ids for each prompt (up to, not including, the first eos).
+
+    ``seeds[i]`` fixes row ``i``'s sampling randomness (default: ``i``); ignored when
+    greedy. ``eos_token_id`` defaults to the model config's.
+    """
+    n = len(prompt_ids)
+    if n == 0:
+        return []
+    if max_new_tokens < 1:
+        raise QBudgetError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise QBudgetError(f"bad sampling settings: temperature={temperature} (>= 0), "
+                           f"top_p={top_p} (in (0, 1])")
+    if seeds is not None and len(seeds) != n:
+        raise QBudgetError(f"{len(seeds)} seeds for {n} prompts")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise QBudgetError("empty prompt (no tokens); every prompt needs at least one token")
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    if isinstance(eos_token_id, (list, tuple)):
+        eos_token_id = eos_token_id[0]
+    eos = -1 if eos_token_id is None else int(eos_token_id)
+    pad = int(pad_token_id if pad_token_id is not None else (eos if eos >= 0 else 0))
+    seeds = np.arange(n) if seeds is None else np.asarray(seeds, dtype=np.int64)
+    seeds = (seeds % (2**32)).astype(np.uint32)
+    graphdef, state = nnx.split(model)
+    order = np.argsort([len(p) for p in prompt_ids], kind="stable")
+    results: list[list[int] | None] = [None] * n
+    temperature, top_p = float(temperature), float(top_p)
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        bsz = _bucket_batch(len(rows), batch_size)
+        plen = _bucket_len(max(len(prompt_ids[r]) for r in rows))
+        ids = np.full((bsz, plen), pad, np.int32)
+        mask = np.zeros((bsz, plen), np.int32)
+        row_seeds = np.zeros((bsz,), np.uint32)
+        for j, r in enumerate(rows):
+            p = prompt_ids[r]
+            ids[j, plen - len(p):] = p
+            mask[j, plen - len(p):] = 1
+            row_seeds[j] = seeds[r]
+        for j in range(len(rows), bsz):   # filler rows: copy of the first row, discarded
+            ids[j], mask[j] = ids[0], mask[0]
+        out = np.asarray(_generate_batch(state, ids, mask, row_seeds, np.int32(eos),
+                                         np.int32(pad), np.float32(max(temperature, 1e-6)),
+                                         np.float32(top_p), graphdef=graphdef,
+                                         max_new=int(max_new_tokens),
+                                         greedy=temperature == 0.0, nucleus=top_p < 1.0))
+        for j, r in enumerate(rows):
+            toks = out[j].tolist()
+            if eos in toks:
+                toks = toks[:toks.index(eos)]
+            results[r] = toks
+    return results  # type: ignore[return-value]
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                  temperature: float = 0.0, top_p: float = 1.0,
+                  seeds: Sequence[int] | None = None, batch_size: int = 64) -> list[str]:
+    """Answers to ``prompts`` (framed by :func:`encode_prompt`), special tokens removed."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, seeds=seeds, batch_size=batch_size,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in out]

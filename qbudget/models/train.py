@@ -1,0 +1,182 @@
+"""Training on (prompt, response) pairs: batching, optimiser, jitted masked-CE step.
+
+One step is the distillation step ``distill`` runs and the pretraining step the worlds
+use: next-token cross-entropy with the loss only on the response tokens and the final
+eos (the prompt is context, not target). Which parameters move is chosen by the
+optimiser's ``wrt`` filter: ``nnx.LoRAParam`` for adapters (base bit-identical) or
+``nnx.Param`` for full pretraining.
+
+Speed: the step is a plain ``jax.jit`` over ``nnx.split`` states (trainable / rest /
+optimizer), so a step costs one XLA call; batches are padded to a few bucketed lengths
+so the number of compiled shapes stays small.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qbudget.errors import QBudgetError
+from qbudget.models.text import encode_prompt, encode_response
+
+
+class PairBatcher:
+    """Tokenised (prompt, response) pairs sampled into fixed-size, length-bucketed batches.
+
+    ``PairBatcher(tok, prompts, responses, batch_size, max_len)``; ``prompts`` may also be
+    a list of ``(prompt, response)`` tuples with ``responses`` omitted. Sequences are
+    ``encode_prompt(prompt) + tokens(response) + [eos]`` truncated to ``max_len`` (the
+    prompt is cut from the left if it alone would leave no room for the answer). Each
+    batch is right-padded to a multiple of ``bucket`` tokens (capped at ``max_len``).
+
+    ``sample(rng)`` draws ``batch_size`` pairs with a numpy Generator (with replacement
+    only if there are fewer pairs than ``batch_size``). ``key`` / ``seed`` give a default
+    Generator for callers that do not pass one to :func:`train_steps`.
+    """
+
+    def __init__(self, tokenizer, prompts: Sequence, responses: Sequence[str] | None = None,
+                 batch_size: int = 16, max_len: int = 128, bucket: int = 32, *,
+                 key=None, seed: int | None = None):
+        if responses is None:
+            pairs = list(prompts)
+            prompts = [p for p, _ in pairs]
+            responses = [r for _, r in pairs]
+        if len(prompts) != len(responses):
+            raise QBudgetError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            raise QBudgetError("no (prompt, response) pairs to train on")
+        if batch_size < 1 or max_len < 2 or bucket < 1:
+            raise QBudgetError(f"bad batcher sizes: batch_size={batch_size}, max_len={max_len}, "
+                               f"bucket={bucket}")
+        self.batch_size, self.max_len, self.bucket = int(batch_size), int(max_len), int(bucket)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                          else tokenizer.eos_token_id or 0)
+        self.seqs: list[np.ndarray] = []
+        self.starts: list[int] = []   # index of the first target token
+        for p, r in zip(prompts, responses):
+            pi, ri = encode_prompt(tokenizer, p), encode_response(tokenizer, r)
+            if len(pi) + len(ri) > max_len:
+                keep_prompt = max(1, min(len(pi), max_len - len(ri), max_len // 2))
+                keep_prompt = max(keep_prompt, max_len - len(ri))
+                pi = pi[-keep_prompt:] if keep_prompt > 0 else pi[-1:]
+            seq = (pi + ri)[:max_len]
+            self.seqs.append(np.asarray(seq, np.int32))
+            self.starts.append(len(pi))
+        self.lengths = np.array([len(s) for s in self.seqs])
+        if key is not None:
+            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        self.default_rng = np.random.default_rng(seed if seed is not None else 0)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """ids / attention_mask / loss_mask [B, L] for the given pairs (L bucketed)."""
+        longest = int(self.lengths[list(indices)].max())
+        length = min(-(-longest // self.bucket) * self.bucket, self.max_len)
+        b = len(indices)
+        ids = np.full((b, length), self.pad_id, np.int32)
+        attn = np.zeros((b, length), np.int32)
+        loss = np.zeros((b, length), np.float32)
+        for row, i in enumerate(indices):
+            s = self.seqs[i]
+            ids[row, :len(s)] = s
+            attn[row, :len(s)] = 1
+            loss[row, self.starts[i]:len(s)] = 1.0   # targets: response tokens and eos
+        return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+    def sample(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        rng = self.default_rng if rng is None else rng
+        n = len(self.seqs)
+        idx = rng.choice(n, size=self.batch_size, replace=n < self.batch_size)
+        return self.batch(idx)
+
+
+def make_optimizer(model, learning_rate: float, wrt=nnx.LoRAParam, weight_decay: float = 0.0,
+                   clip_norm: float | None = 1.0) -> nnx.Optimizer:
+    """AdamW (optionally clipped) over the parameters matching ``wrt``."""
+    if learning_rate <= 0:
+        raise QBudgetError(f"learning_rate must be > 0, got {learning_rate}")
+    if wrt is nnx.LoRAParam and not nnx.state(model, nnx.LoRAParam):
+        raise QBudgetError("the model has no LoRA adapters to train; call attach_lora first")
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+    if clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def masked_ce(logits, input_ids, loss_mask):
+    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    tgt = input_ids[:, 1:]
+    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+    m = loss_mask[:, 1:]
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def loss_fn(model, batch):
+    logits = model.forward(batch["input_ids"], batch["attention_mask"])
+    return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_jit(graphdef, state, batch):
+    return loss_fn(nnx.merge(graphdef, state), batch)
+
+
+def batch_loss(model, batch: dict) -> float:
+    """The masked next-token loss of ``model`` on one batch (jitted, no update)."""
+    graphdef, state = nnx.split(model)
+    return float(_loss_jit(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 5))
+def _step(model_def, opt_def, wrt, trainable, rest, opt_state, batch):
+    def f(tr):
+        return loss_fn(nnx.merge(model_def, tr, rest), batch)
+
+    loss, grads = jax.value_and_grad(f)(trainable)
+    model = nnx.merge(model_def, trainable, rest)
+    opt = nnx.merge(opt_def, opt_state)
+    opt.update(model, grads)
+    return nnx.state(model, wrt), nnx.state(opt), loss
+
+
+def _as_rng(rng) -> np.random.Generator | None:
+    if rng is None or isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(int(rng))
+    # a jax key
+    bits = np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                      else rng).astype(np.uint32).ravel()
+    return np.random.default_rng([int(x) for x in bits])
+
+
+def train_steps(model, optimizer: nnx.Optimizer, batcher: PairBatcher, steps: int,
+                key_or_rng=None, *, rng=None) -> np.ndarray:
+    """Run ``steps`` optimiser steps on batches from ``batcher``; returns the losses.
+
+    Batches are drawn with ``rng`` (a numpy Generator; a jax key or int seed is turned
+    into one; None = the batcher's own Generator). The model and optimizer are updated in
+    place; parameters outside the optimizer's ``wrt`` filter are not touched.
+    """
+    rng = _as_rng(rng if rng is not None else key_or_rng)
+    wrt = optimizer.wrt
+    model_def, trainable, rest = nnx.split(model, wrt, ...)
+    opt_def, opt_state = nnx.split(optimizer)
+    losses = []
+    for _ in range(int(steps)):
+        batch = {k: jnp.asarray(v) for k, v in batcher.sample(rng).items()}
+        trainable, opt_state, loss = _step(model_def, opt_def, wrt, trainable, rest, opt_state,
+                                           batch)
+        losses.append(loss)
+    nnx.update(model, trainable)
+    nnx.update(optimizer, opt_state)
+    return np.asarray(jax.device_get(losses), dtype=np.float32).reshape(-1)

@@ -1,0 +1,242 @@
+"""Sweeps: a grid of worlds x strategies x seeds, each cell a :mod:`qbudget.loop` run.
+
+Layout of a sweep directory::
+
+    DIR/manifest.json        the bench config, versions, git revision, cell list, timings
+    DIR/responses.sqlite     one response cache shared by every cell (a prompt is paid once)
+    DIR/cells/<cell>/        one run directory per cell (its own ledger, state, results)
+    DIR/results.parquet      all cells' rows, merged when the sweep ends
+
+Resumption is per cell: a cell whose manifest says ``done`` is skipped, a cell that was
+interrupted is resumed from its ledger and state (see :mod:`qbudget.loop`). Executors:
+``local`` runs cells in a pool of spawned processes (one JAX process per worker, its thread
+count capped so workers do not oversubscribe the cores); ``ray`` submits the same cell
+function as Ray tasks to a running or local Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qbudget.config import BenchConfig, RunConfig
+from qbudget.errors import QBudgetError
+from qbudget.manifest import base_manifest, write_json_atomic
+
+CELLS_DIR = "cells"
+
+
+def cell_name(cfg: RunConfig) -> str:
+    world = Path(cfg.world).stem if cfg.world.endswith(".toml") else cfg.world
+    return f"{world}__{cfg.strategy.name}__seed{cfg.seed}"
+
+
+def cell_done(cell_dir: Path) -> bool:
+    path = cell_dir / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "done"
+    except json.JSONDecodeError:
+        return False
+
+
+def _limit_threads(threads: int) -> None:
+    """Cap XLA's CPU threads; must run before jax is imported in this process."""
+    if threads > 0:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                       f"intra_op_parallelism_threads={threads}").strip()
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+
+
+def _worker_init(threads: int) -> None:
+    from qbudget.runtime import configure_jax
+
+    _limit_threads(threads)
+    configure_jax()
+
+
+def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict:
+    """Run (or resume) one cell; executed in a worker process. Returns a short report."""
+    from qbudget.config import RunConfig, from_dict
+    from qbudget.loop import Run
+
+    cfg = from_dict(RunConfig, cfg_dict)
+    cell = Path(cell_dir)
+    if cell_done(cell):
+        return {"cell": cell.name, "skipped": True}
+    resume = (cell / "manifest.json").is_file()
+    if cell.exists() and not resume:
+        # created but nothing durable yet (killed during set-up): start it afresh
+        shutil.rmtree(cell)
+
+    def progress(ev: dict) -> None:
+        if queue is not None:
+            queue.put((cell.name, ev.get("q", 0), ev.get("advantage")))
+
+    t = time.perf_counter()
+    outcome = Run(cfg, cell, resume=resume, cache_path=cache_path, run_id=cell.name,
+                  progress=progress).execute()
+    return {"cell": cell.name, "skipped": False, "q": outcome.q, "paid": outcome.paid,
+            "seconds": time.perf_counter() - t}
+
+
+def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
+    """Build the world, embed its pool and buy the probe's teacher answers once, so cells
+    running in parallel share them instead of each paying for them."""
+    from qbudget.config import RunConfig, from_dict
+    from qbudget.ledger import Ledger, ResponseCache
+    from qbudget.loop import stratified_subset
+    from qbudget.loop import make_oracle
+    from qbudget.realworld import resolve_world
+
+    cfg = from_dict(RunConfig, cfg_dict)
+    w = resolve_world(cfg.world)
+    subset = stratified_subset(w.probe, w.probe_is_train, cfg.eval.probe_subset, w.seed)
+    probe = [w.probe[i] for i in subset]
+    oracle = make_oracle(w)
+    cache = ResponseCache(cache_path)
+    ledger = Ledger(Path(cache_path).with_name(f"prewarm-{cfg.world}.sqlite"), budget=0, cache=cache)
+    ledger.evaluation_answers(oracle, probe, sample=0)
+    if cfg.eval.ceiling:
+        ledger.evaluation_answers(oracle, probe, sample=1)
+    return {"world": cfg.world, "probe": len(probe)}
+
+
+@dataclass
+class SweepOutcome:
+    out: Path
+    cells: int
+    skipped: int
+    seconds: float
+
+
+def check_sweep_dir(out: Path, cfg: BenchConfig) -> None:
+    """A sweep directory holds one grid: continuing it with another config is refused."""
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text()).get("config")
+        if previous != json.loads(json.dumps(cfg.to_dict(), default=list)):
+            raise QBudgetError(f"{out} holds a sweep with a different config; use another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise QBudgetError(f"output directory {out} is not empty and holds no sweep")
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Fail on unknown worlds or strategies before any cell starts."""
+    from qbudget.strategy import get_strategy
+    from qbudget.worlds import list_worlds
+
+    known = [w["name"] if isinstance(w, dict) else getattr(w, "name", str(w)) for w in list_worlds()]
+    for world in cfg.grid.worlds:
+        if world.endswith(".toml"):
+            from qbudget.realworld import load_real_world
+
+            load_real_world(world)
+        elif world not in known:
+            raise QBudgetError(f"unknown world '{world}' (known: {', '.join(known)})")
+    for cell in cfg.cells():
+        get_strategy(cell.strategy.name, dict(cell.strategy.params))
+    if cfg.grid.baseline and cfg.grid.baseline not in cfg.grid.strategies:
+        pass  # the summary then reports no paired comparison; not an error
+
+
+def run_sweep(cfg: BenchConfig, out: Path, *, executor: str = "local",
+              on_event: Callable[[dict], None] | None = None) -> SweepOutcome:
+    validate(cfg)
+    check_sweep_dir(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CELLS_DIR).mkdir(exist_ok=True)
+    cache_path = str(out / "responses.sqlite")
+    manifest = base_manifest("bench", json.loads(json.dumps(cfg.to_dict(), default=list)))
+    cells = cfg.cells()
+    manifest.update({"executor": executor, "cells": [cell_name(c) for c in cells], "status": "running"})
+    write_json_atomic(out / "manifest.json", manifest)
+    emit = on_event or (lambda ev: None)
+    t0 = time.perf_counter()
+    todo = [c for c in cells if not cell_done(out / CELLS_DIR / cell_name(c))]
+    skipped = len(cells) - len(todo)
+    emit({"event": "start", "cells": len(cells), "skipped": skipped})
+    if todo:
+        if executor == "local":
+            _run_local(cfg, todo, out, cache_path, emit)
+        elif executor == "ray":
+            _run_ray(cfg, todo, out, cache_path, emit)
+        else:
+            raise QBudgetError(f"unknown executor '{executor}' (known: local, ray)")
+    seconds = time.perf_counter() - t0
+    manifest.update({"status": "done", "seconds": seconds, "skipped_cells": skipped})
+    write_json_atomic(out / "manifest.json", manifest)
+    return SweepOutcome(out, len(cells), skipped, seconds)
+
+
+def _workers(cfg: BenchConfig, n_cells: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cfg.workers or cores, n_cells))
+
+
+def _run_local(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: str, emit) -> None:
+    import multiprocessing as mp
+
+    workers = _workers(cfg, len(todo))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    queue = manager.Queue()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        worlds = {}
+        for c in todo:
+            worlds.setdefault(c.world, c)
+        warm = [pool.submit(prewarm_world, _as_dict(c), cache_path) for c in worlds.values()]
+        for f in warm:
+            f.result()
+        emit({"event": "prewarmed", "worlds": list(worlds)})
+        futures = {pool.submit(run_cell, _as_dict(c), str(out / CELLS_DIR / cell_name(c)),
+                               cache_path, queue): cell_name(c) for c in todo}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not queue.empty():
+                name, q, adv = queue.get_nowait()
+                emit({"event": "progress", "cell": name, "q": q, "advantage": adv})
+            for f in done:
+                report = f.result()  # a failed cell raises here: the sweep stops loudly
+                emit({"event": "cell_done", **report})
+    manager.shutdown()
+
+
+def _run_ray(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: str, emit) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise QBudgetError("--executor ray needs Ray: pip install 'qbudget[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=False)
+    remote_cell = ray.remote(num_cpus=1)(run_cell)
+    remote_warm = ray.remote(num_cpus=1)(prewarm_world)
+    worlds = {}
+    for c in todo:
+        worlds.setdefault(c.world, c)
+    ray.get([remote_warm.remote(_as_dict(c), cache_path) for c in worlds.values()])
+    refs = {remote_cell.remote(_as_dict(c), str(out / CELLS_DIR / cell_name(c)), cache_path): cell_name(c)
+            for c in todo}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        emit({"event": "cell_done", **ray.get(done[0])})
+
+
+def _as_dict(cfg: RunConfig) -> dict:
+    return json.loads(json.dumps(cfg.to_dict(), default=list))

@@ -1,0 +1,124 @@
+"""Build one embedded world into a folder, deterministically from its spec.
+
+Steps: generate pool and probe prompts; draw a pretraining corpus per model and answer
+it with the rule-based generator in that model's house style; train one BPE tokenizer
+on all of that text; pretrain the teacher and the (smaller) base student from scratch
+with the model stack's training step; write ``world.json`` with every file's checksum.
+Same spec on the same machine -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qbudget.pool import save_prompts
+from qbudget.worlds import cache
+from qbudget.worlds.prompts import Task, corpus_tasks, generate_pool_and_probe, to_prompts
+from qbudget.worlds.responses import STUDENT, TEACHER, HouseStyle, respond
+from qbudget.worlds.specs import CATEGORIES, SPEC_VERSION, ModelSpec, WorldSpec
+from qbudget.worlds.tokenizer import save_tokenizer, special_ids, train_tokenizer
+
+
+def answer_corpus(tasks: list[Task], style: HouseStyle, seed: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs in ``style``; one seeded stream per corpus."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, len(style.name)]))
+    return [(t.text, respond(t, style, rng)) for t in tasks]
+
+
+def hf_config(m: ModelSpec, vocab_size: int, max_len: int, ids: dict[str, int]):
+    """The transformers config (Qwen2Config or LlamaConfig) of one tiny model."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=m.hidden_size,
+                  intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                  num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                  max_position_embeddings=max(128, 2 * max_len), rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                  pad_token_id=ids["pad"])
+    if m.architecture == "qwen2":
+        return Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
+    if m.architecture == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0, attention_bias=False, mlp_bias=False)
+    raise ValueError(f"unknown architecture {m.architecture!r}")
+
+
+def pretrain(m: ModelSpec, config, tok_dir: Path, pairs: list[tuple[str, str]], max_len: int,
+             seed: int, out: Path, say: Callable[[str], None]) -> list[float]:
+    """Full-parameter pretraining of a fresh model on ``pairs``; saves an HF folder."""
+    import jax
+    from flax import nnx
+
+    from qbudget.models import CausalLM, load_tokenizer
+    from qbudget.models.train import PairBatcher, make_optimizer, train_steps
+
+    tokenizer = load_tokenizer(tok_dir)
+    key = jax.random.key(seed)
+    init_key, data_key, train_key = jax.random.split(key, 3)
+    lm = CausalLM.from_config(config, key=init_key)
+    batcher = PairBatcher(tokenizer, pairs, batch_size=m.batch_size, max_len=max_len,
+                          bucket=max_len, key=data_key)   # one shape: one compile
+    opt = make_optimizer(lm, m.learning_rate, wrt=nnx.Param)
+    losses = [float(x) for x in train_steps(lm, opt, batcher, m.steps, train_key)]
+    lm.save_pretrained(out)
+    return losses
+
+
+def build_into(spec: WorldSpec, out: Path, say: Callable[[str], None] = lambda m: None) -> dict:
+    """Write every file of world ``spec`` into the (empty) folder ``out``; return world.json."""
+    from qbudget.runtime import configure_jax
+
+    configure_jax()                  # persistent compile cache: rebuilds skip XLA compiles
+    out = Path(out)
+    t0 = time.perf_counter()
+    pool_tasks, probe_tasks, is_train = generate_pool_and_probe(spec)
+    save_prompts(to_prompts(pool_tasks, "pool"), out / "pool.jsonl")
+    save_prompts(to_prompts(probe_tasks, "probe", is_train), out / "probe.jsonl")
+
+    corpora = {}
+    for who, m, style in (("teacher", spec.teacher, TEACHER), ("student", spec.student, STUDENT)):
+        tasks = corpus_tasks(spec.seed, who, m.train_prompts, m.corpus_weights)
+        corpora[who] = answer_corpus(tasks, style, spec.seed)
+    texts = [t.text for t in pool_tasks] + [t.text for t in probe_tasks]
+    texts += [s for pairs in corpora.values() for pair in pairs for s in pair]
+    tok = train_tokenizer(texts, spec.vocab_size)
+    ids = special_ids(tok)
+    say(f"[{spec.name}] prompts, corpora and tokenizer ({tok.get_vocab_size()} tokens) "
+        f"in {time.perf_counter() - t0:.1f} s")
+
+    final_loss = {}
+    for i, (who, m) in enumerate((("teacher", spec.teacher), ("student", spec.student))):
+        t1 = time.perf_counter()
+        folder = out / who
+        save_tokenizer(tok, folder, model_max_length=4 * spec.max_len)
+        config = hf_config(m, tok.get_vocab_size(), spec.max_len, ids)
+        losses = pretrain(m, config, folder, corpora[who], spec.max_len,
+                          spec.seed * 1000 + i, folder, say)
+        final_loss[who] = round(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)
+        say(f"[{spec.name}] {who} ({m.architecture}, {spec.params(who):,} params): "
+            f"{m.steps} steps, final loss {final_loss[who]:.3f}, {time.perf_counter() - t1:.1f} s")
+
+    info = {
+        "name": spec.name,
+        "version": SPEC_VERSION,
+        "architecture": spec.architecture,
+        "seed": spec.seed,
+        "categories": list(CATEGORIES),
+        "sizes": {"pool": len(pool_tasks), "probe": len(probe_tasks),
+                  "probe_train": int(is_train.sum()), "probe_test": int((~is_train).sum()),
+                  "vocab": tok.get_vocab_size(),
+                  "teacher_params": spec.params("teacher"),
+                  "student_params": spec.params("student")},
+        "sampling": dict(spec.sampling),
+        "pretraining_loss": final_loss,
+        "spec": spec.to_json(),
+        "files": cache.checksums(out),
+    }
+    (out / cache.WORLD_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n",
+                                        encoding="utf-8")
+    say(f"[{spec.name}] built in {time.perf_counter() - t0:.1f} s")
+    return info

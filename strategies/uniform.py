@@ -1,0 +1,17 @@
+"""``random``: uniform sampling without replacement from the unbought pool (the floor baseline)."""
+
+from __future__ import annotations
+
+from qbudget.strategy import SelectionContext, Strategy, random_unbought
+
+
+def make() -> Strategy:
+    """Uniformly random unbought prompts (the baseline every strategy must beat)."""
+
+    def init(ctx: SelectionContext):
+        return None
+
+    def select(state, signals, ctx: SelectionContext, k: int, key):
+        return random_unbought(ctx, k, key), state
+
+    return Strategy("random", make.__doc__, (), {}, init, select)

@@ -1,0 +1,131 @@
+"""`qbudget bench` end to end on the micro world: grid, summary, plots, resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from qbudget.cli import app
+
+# The shape of benchmarks/quick.toml, smaller: 2 strategies x 2 seeds, q up to 32.
+SMALL_GRID = """
+workers = 2
+[grid]
+worlds = ["micro"]
+strategies = ["random", "stratified"]
+seeds = [0, 1]
+baseline = "stratified"
+epsilon = 0.5
+[run.budget]
+total = 32
+round_size = 16
+checkpoints = [16]
+[run.distill]
+steps_per_round = 4
+batch_size = 8
+[run.eval]
+adversaries = ["ngram"]
+ceiling = true
+"""
+VALUE_KEY = ["run_id", "world", "strategy", "seed", "q", "metric", "adversary", "category"]
+
+
+def bench_args(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "qbudget", "bench", str(cfg), "--out", str(out), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_cfg(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench-cfg") / "small.toml"
+    path.write_text(SMALL_GRID)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(micro_world, small_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    proc = subprocess.run(bench_args(small_cfg, out), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_writes_results_summary_and_plots(sweep):
+    out, stdout = sweep
+    df = pd.read_parquet(out / "results.parquet")
+    # 2 strategies x 2 seeds x 3 checkpoints, every cell with the same metric rows
+    assert df.groupby(["strategy", "seed"]).ngroups == 4
+    assert sorted(df["q"].unique()) == [0, 16, 32]
+    per_cell = df.groupby(["strategy", "seed"]).size()
+    assert per_cell.nunique() == 1
+    per_q = df.groupby(["strategy", "seed", "q"]).size()
+    assert per_q.nunique() == 1 and len(per_q) == 12
+    summary = (out / "summary.md").read_text()
+    for name in ("random", "stratified"):
+        assert name in summary
+    assert "paired" in summary.lower()
+    png = (out / "advantage_vs_q.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    svg = out / "advantage_vs_q.svg"
+    assert ElementTree.parse(svg).getroot().tag.endswith("svg") and svg.stat().st_size > 10_000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "done" and len(manifest["cells"]) == 4
+    assert "peak memory" in stdout and "wall" in stdout
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_cells(sweep, small_cfg, tmp_path):
+    ref_out, _ = sweep
+    out = tmp_path / "out"
+    proc = subprocess.Popen(bench_args(small_cfg, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    done_cells: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        done_cells = [m.parent for m in (out / "cells").glob("*/manifest.json")
+                      if json.loads(m.read_text() or "{}").get("status") == "done"]
+        if done_cells:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "sweep finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {c.name: (c / "results.parquet").stat().st_mtime_ns for c in done_cells}
+
+    again = subprocess.run(bench_args(small_cfg, out), capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name, mtime in finished.items():  # finished cells were skipped, not re-run
+        assert (out / "cells" / name / "results.parquet").stat().st_mtime_ns == mtime
+    ref = pd.read_parquet(ref_out / "results.parquet").sort_values(VALUE_KEY).reset_index(drop=True)
+    got = pd.read_parquet(out / "results.parquet").sort_values(VALUE_KEY).reset_index(drop=True)
+    assert (ref[VALUE_KEY] == got[VALUE_KEY]).all().all()
+    np.testing.assert_array_equal(ref["value"].to_numpy(), got["value"].to_numpy())
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('[grid]\nworlds = ["micro"]\nstrategies = ["random", "nope"]\n', "unknown strategy 'nope'"),
+    ('[grid]\nworlds = ["micro"]\nstrategies = []\n', "empty grid"),
+    ('[grid]\nworlds = ["atlantis"]\n', "unknown world 'atlantis'"),
+    ('[run.budget]\ntotal = -5\n', "run.budget.total"),
+    ('[grid\n', "malformed TOML"),
+])
+def test_bad_bench_configs_exit_2(tmp_path, body, needle):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", str(cfg), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not out.exists()

@@ -1,0 +1,113 @@
+"""`qbudget eval --teacher/--student` on hand-written answer files."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qbudget.cli import app
+
+TOPICS = ["rivers", "stars", "bread", "music", "trains", "rain", "cats", "chess", "tea", "owls"]
+CATS = ["facts", "chat", "howto"]
+
+
+def _write(path, responses, split=None):
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, r in enumerate(responses):
+            row = {"id": f"q{i}", "prompt": f"Tell me about {TOPICS[i % 10]} #{i}.",
+                   "category": CATS[i % 3], "response": r}
+            if split is not None:
+                row["split"] = split[i]
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+N = 90
+TEACHER = [f"Certainly! Here is a fact about {TOPICS[i % 10]}: they matter, number {i % 7}."
+           for i in range(N)]
+STUDENT = [f"{TOPICS[i % 10]} r cool lol {i % 5}" for i in range(N)]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, ["eval", *args])
+
+
+def _rows(result, adversary, metric="advantage", category="all"):
+    rows = json.loads(result.stdout)
+    return [r for r in rows if r["adversary"] == adversary and r["metric"] == metric
+            and r["category"] == category]
+
+
+@pytest.mark.slow
+def test_systematic_difference_is_detected(tmp_path):
+    t = _write(tmp_path / "t.jsonl", TEACHER)
+    s = _write(tmp_path / "s.jsonl", STUDENT)
+    res = _invoke("--teacher", t, "--student", s, "--json", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    for adversary in ("ngram", "embed", "pairwise", "max"):
+        (row,) = _rows(res, adversary)
+        assert row["value"] >= 0.9 and row["ci_low"] > 0, row
+    (sim,) = _rows(res, "", metric="similarity")
+    assert sim["value"] < 0.9 and sim["n"] == N
+    per_cat = [r for r in json.loads(res.stdout) if r["metric"] == "advantage"
+               and r["adversary"] == "ngram" and r["category"] != "all"]
+    assert sum(r["n"] for r in per_cat) == _rows(res, "ngram")[0]["n"]
+
+
+def test_identical_files_are_indistinguishable_and_table_and_verdict(tmp_path):
+    split = ["train" if i < 60 else "test" for i in range(N)]
+    t = _write(tmp_path / "t.jsonl", TEACHER, split)
+    s = _write(tmp_path / "s.jsonl", TEACHER, split)
+    res = _invoke("--teacher", t, "--student", s, "--json", "--adversaries", "ngram")
+    assert res.exit_code == 0, res.output
+    (row,) = _rows(res, "ngram")
+    assert row["value"] == 0.0 and row["ci_low"] < 0 < row["ci_high"]
+    assert row["n"] == 2 * 30  # the explicit split: 30 test prompts, two answers each
+    (sim,) = _rows(res, "", metric="similarity")
+    assert sim["value"] == pytest.approx(1.0, abs=1e-5)
+    res = _invoke("--teacher", t, "--student", s, "--adversaries", "ngram", "--epsilon", "0.5")
+    assert res.exit_code == 0, res.output
+    assert "advantage" in res.stdout and "ngram" in res.stdout
+    assert "indistinguishable at epsilon=0.5" in res.stdout
+
+
+def _error(res):
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+def test_bad_files_exit_2_with_one_line(tmp_path):
+    t = _write(tmp_path / "t.jsonl", TEACHER)
+    s_short = _write(tmp_path / "s_short.jsonl", STUDENT[:-1])
+    assert "do not match" in _error(_invoke("--teacher", t, "--student", s_short))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "q0", "prompt": "x", "category": "c", "response": "y"}\n{oops\n')
+    assert "bad.jsonl:2: malformed JSON" in _error(_invoke("--teacher", t, "--student", str(bad)))
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"id": "q0", "prompt": "x", "category": "c"}\n')
+    assert "field 'response'" in _error(_invoke("--teacher", str(nofield), "--student", t))
+    assert "not found" in _error(_invoke("--teacher", str(tmp_path / "nope.jsonl"),
+                                         "--student", t))
+    badsplit = _write(tmp_path / "split.jsonl", TEACHER, ["dev"] * N)
+    assert "'split' must be" in _error(_invoke("--teacher", badsplit, "--student", t))
+    alltrain = _write(tmp_path / "alltrain.jsonl", TEACHER, ["train"] * N)
+    assert "at least one 'train' and one 'test'" in _error(
+        _invoke("--teacher", alltrain, "--student", alltrain))
+    assert "unknown adversary 'gpt'" in _error(
+        _invoke("--teacher", t, "--student", t, "--adversaries", "gpt"))
+    assert "--teacher and --student" in _error(_invoke("--teacher", t))
+    assert "nothing to evaluate" in _error(_invoke())
+    assert "--t must be at least 1" in _error(_invoke("--teacher", t, "--student", t, "--t", "0"))
+    assert "sample bound q=1000" in _error(
+        _invoke("--teacher", t, "--student", t, "--adversaries", "ngram", "--q", "1000"))
+
+
+def test_world_mode_refuses_bad_input_with_one_line(tmp_path):
+    assert "world" in _error(_invoke("--world", "no-such-world", "--adversaries", "ngram"))
+    t = _write(tmp_path / "t.jsonl", TEACHER)
+    assert "either --world or --teacher" in _error(
+        _invoke("--world", "micro", "--teacher", t, "--student", t))
+    assert "--adapter only applies with --world" in _error(
+        _invoke("--teacher", t, "--student", t, "--adapter", str(tmp_path)))
