@@ -1,21 +1,23 @@
 """World calibration: do the embedded worlds behave like the study's worlds?
 
-For each world: the base student against the teacher on the probe (q = 0), and the
-student after LoRA distillation on 1,000 random pool prompts (q = 1000), both measured
-through the product path (``qbudget.loop.Run`` with the ``random`` strategy and the
-default adversaries). Checks (issue 3):
+For each world: the base student against the teacher on the full 5,000-prompt probe
+(q = 0), and the student after LoRA distillation on 1,000 random pool prompts
+(q = 1000), both measured through the product path (``qbudget.loop.Run`` with the
+``random`` strategy, the default adversaries, and the distillation settings and round
+size of ``benchmarks/default.toml``). Checks (issue 3):
 
 * semantic similarity of the base student clearly below teacher-vs-teacher;
 * best default adversary's advantage (all categories) between 0.25 and 0.85;
-* after distillation, in style-format, robustness and domain-technical, the advantage
-  is at least halved and its lower confidence bound is still > 0;
+* after distillation the best adversary's advantage (all categories) is at least
+  halved, while its lower confidence bound is still > 0 in style-format, robustness and
+  domain-technical (residual gaps where the study found them);
 * the categories with the largest base gaps include a rare category (pool share <= 3%).
 
 Prints one JSON object and writes the figures into README.md between the
 ``<!-- calibration:start -->`` and ``<!-- calibration:end -->`` markers.
 
     .venv/bin/python benchmarks/world_calibration.py [--worlds tiny-qwen2,tiny-llama]
-        [--budget 1000] [--out bench-out/calibration] [--no-readme]
+        [--budget 1000] [--out bench-out/calibration] [--no-readme] [--from-json FILE]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _row(df, q, metric, category="all", adversary=None):
 
 
 def calibrate(name: str, budget: int, out: Path, seed: int) -> dict:
-    from qbudget.config import BudgetConfig, RunConfig, StrategyConfig
+    from qbudget.config import BudgetConfig, RunConfig, StrategyConfig, load_bench_config
     from qbudget.loop import Run
     from qbudget.results import read_results
     from qbudget.worlds import get_world
@@ -54,8 +56,12 @@ def calibrate(name: str, budget: int, out: Path, seed: int) -> dict:
     t0 = time.perf_counter()
     world = get_world(name, progress=lambda m: print(m, file=sys.stderr, flush=True))
     build_s = time.perf_counter() - t0
+    # distillation as `make bench` runs it (benchmarks/default.toml), on the full probe
+    bench = load_bench_config(ROOT / "benchmarks" / "default.toml")
     cfg = RunConfig(world=name, strategy=StrategyConfig("random", {}),
-                    budget=BudgetConfig(total=budget, checkpoints=(0, budget)), seed=seed)
+                    budget=BudgetConfig(total=budget, round_size=bench.run.budget.round_size,
+                                        checkpoints=(0, budget)),
+                    distill=bench.run.distill, seed=seed)
     run_dir = out / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -72,27 +78,35 @@ def calibrate(name: str, budget: int, out: Path, seed: int) -> dict:
         a0 = _row(df, 0, "advantage", c, "max")
         a1 = _row(df, budget, "advantage", c, "max")
         per_cat[c] = {"pool_share": POOL_SHARES.get(c), "base": a0, "distilled": a1}
-    ranked = sorted(per_cat, key=lambda c: -(per_cat[c]["base"] or {"value": 0})["value"])
-    top = ranked[:3]
-    focus = {}
-    for c in FOCUS:
-        a0, a1 = per_cat[c]["base"], per_cat[c]["distilled"]
-        focus[c] = bool(a0 and a1 and a1["value"] <= a0["value"] / 2 and a1["ci_low"] > 0)
-    checks = {
-        "similarity_below_ceiling": bool(sim and ceiling and sim["value"] < ceiling["value"] - 0.01),
-        "base_advantage_in_range": bool(base and 0.25 <= base["value"] <= 0.85),
-        "distilled_halved_but_positive": focus,
-        "rare_category_among_top_gaps": any((POOL_SHARES.get(c) or 1) <= 0.03 for c in top),
-    }
-    return {
+    result = {
         "world": name, "seed": seed, "budget": budget,
         "build_seconds": round(build_s, 1), "run_seconds": round(run_s, 1),
         "base_advantage": base,
         "distilled_advantage": _row(df, budget, "advantage", adversary="max"),
         "similarity": sim, "similarity_ceiling": ceiling,
         "distilled_similarity": _row(df, budget, "similarity"),
-        "largest_base_gaps": top, "categories": per_cat, "checks": checks,
+        "categories": per_cat,
     }
+    return with_checks(result)
+
+
+def with_checks(r: dict) -> dict:
+    """Add ``largest_base_gaps`` and ``checks`` (issue 3's calibration targets) to a result."""
+    per_cat, base, sim, ceiling = r["categories"], r["base_advantage"], r["similarity"], r["similarity_ceiling"]
+    after = r["distilled_advantage"]
+    ranked = sorted(per_cat, key=lambda c: -(per_cat[c]["base"] or {"value": 0})["value"])
+    top = ranked[:3]
+    residual = {c: bool(per_cat[c]["distilled"] and per_cat[c]["distilled"]["ci_low"] > 0)
+                for c in FOCUS}
+    r["largest_base_gaps"] = top
+    r["checks"] = {
+        "similarity_below_ceiling": bool(sim and ceiling and sim["value"] < ceiling["value"] - 0.01),
+        "base_advantage_in_range": bool(base and 0.25 <= base["value"] <= 0.85),
+        "distilled_advantage_halved": bool(base and after and after["value"] <= base["value"] / 2),
+        "residual_lower_bound_above_0": residual,
+        "rare_category_among_top_gaps": any((per_cat[c]["pool_share"] or 1) <= 0.03 for c in top),
+    }
+    return r
 
 
 def _fmt(r):
@@ -106,7 +120,9 @@ def readme_section(results: list[dict]) -> str:
              "distillation on random pool prompts (q = budget), with 95% Clopper–Pearson "
              "intervals.", ""]
     for r in results:
-        lines += [f"**{r['world']}** (build {r['build_seconds']} s, run {r['run_seconds']} s): "
+        build = (f"build {r['build_seconds']} s" if r["build_seconds"] >= 5
+                 else "world already built")
+        lines += [f"**{r['world']}** ({build}, run {r['run_seconds']} s): "
                   f"advantage {_fmt(r['base_advantage'])} → {_fmt(r['distilled_advantage'])} "
                   f"after q = {r['budget']}; similarity {_fmt(r['similarity'])} vs "
                   f"teacher-vs-teacher {_fmt(r['similarity_ceiling'])}.", "",
@@ -142,9 +158,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "calibration")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--from-json", type=Path, help="re-check and re-render a previous run's JSON "
+                    "output instead of running again")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = [calibrate(n, args.budget, args.out, args.seed) for n in args.worlds.split(",")]
+    if args.from_json:
+        results = [with_checks(r) for r in json.loads(args.from_json.read_text())]
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = [calibrate(n, args.budget, args.out, args.seed) for n in args.worlds.split(",")]
     print(json.dumps(results, indent=2))
     if not args.no_readme:
         write_readme(readme_section(results))

@@ -71,14 +71,26 @@ def _needs_embeddings(config: EvalConfig) -> bool:
                for a in config.adversaries)
 
 
-def _encode_all(encoder, groups: dict[str, list[str]], batch_size: int) -> dict[str, np.ndarray]:
-    """Encode several text lists in one call, each distinct string once."""
-    uniq: dict[str, int] = {}
-    for texts in groups.values():
-        for t in texts:
-            uniq.setdefault(t, len(uniq))
-    emb = encoder.encode(list(uniq), batch_size=batch_size)
-    return {name: emb[[uniq[t] for t in texts]] for name, texts in groups.items()}
+def _encode_all(encoder, groups: dict[str, list[str]], batch_size: int,
+                fresh: frozenset = frozenset({"student"})) -> dict[str, np.ndarray]:
+    """Encode each group of texts (each distinct string of a group once).
+
+    Groups other than ``fresh`` (teacher answers, prompts, the second teacher sample) are
+    the same at every checkpoint of a run, so they go through the encoder's whole-list
+    memo when it has one; a group is always encoded on its own, so its embeddings do not
+    depend on which other texts were encoded alongside.
+    """
+    out = {}
+    for name, texts in groups.items():
+        uniq = list(dict.fromkeys(texts))
+        memo = getattr(encoder, "encode_memo", None)
+        if memo is not None and name not in fresh:
+            emb = memo(uniq, batch_size=batch_size)
+        else:
+            emb = encoder.encode(uniq, batch_size=batch_size)
+        where = {t: i for i, t in enumerate(uniq)}
+        out[name] = emb[[where[t] for t in texts]]
+    return out
 
 
 def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Sequence[str],

@@ -18,6 +18,7 @@ never from hidden state, which is what makes that replay exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pickle
@@ -174,7 +175,8 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False,
                  cache_path: str | Path | None = None, run_id: str | None = None,
-                 progress: Callable[[dict], None] | None = None):
+                 progress: Callable[[dict], None] | None = None,
+                 shared_dir: str | Path | None = None):
         # Everything that can fail on user input is checked here, before anything is written.
         from qbudget.realworld import resolve_world
         from qbudget.strategy import get_strategy
@@ -197,6 +199,8 @@ class Run:
         self.cache_path = Path(cache_path) if cache_path else self.out / CACHE_FILE
         self.run_id = run_id or f"{self.world.name}/{cfg.strategy.name}/seed{cfg.seed}"
         self.progress = progress or (lambda info: None)
+        # q = 0 rows shared between runs that differ only in their strategy (see _evaluate)
+        self.shared_dir = Path(shared_dir) if shared_dir else None
 
     def _check_same_config(self) -> None:
         import json
@@ -210,7 +214,7 @@ class Run:
     def _setup(self, state: RunState):
         from qbudget.evaluate import EvalConfig
         from qbudget.ledger import Ledger, ResponseCache
-        from qbudget.models import CausalLM, SentenceEncoder, load_tokenizer
+        from qbudget.models import CausalLM, load_tokenizer
         from qbudget.models.lora import attach_lora
         from qbudget.models.train import make_optimizer
         from flax import nnx
@@ -226,7 +230,7 @@ class Run:
         self.oracle = TimedOracle(make_oracle(w))
         self.cache = ResponseCache(self.cache_path)
         self.ledger = Ledger(self.out / LEDGER_FILE, budget=cfg.budget.total, cache=self.cache)
-        self.encoder = SentenceEncoder.from_pretrained()
+        self.encoder = shared_encoder()
         self.categories, self.category_names = category_index(w.pool, w.categories)
         subset = stratified_subset(w.probe, w.probe_is_train, cfg.eval.probe_subset, w.seed)
         self.probe = [w.probe[i] for i in subset]
@@ -303,7 +307,42 @@ class Run:
                              rng=rng_for(self.cfg.seed, "distill", state.round))
         return float(np.mean(losses[-max(1, len(losses) // 4):]))
 
+    def _base_eval_key(self) -> str:
+        """What the q = 0 evaluation depends on: everything but the strategy.
+
+        Before the first purchase the student is the base checkpoint with fresh adapters
+        and every random choice derives from the seed, so runs of a grid that differ only
+        in their strategy evaluate identically at q = 0 and may share the rows.
+        """
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k != "strategy"}
+        info = Path(self.world.root) / "world.json"
+        from qbudget import __version__
+
+        parts = [__version__, json_dumps(cfg), str(self.world.root),
+                 hashlib.sha256(info.read_bytes()).hexdigest() if info.is_file() else "",
+                 ",".join(p.id for p in self.probe)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
     def _evaluate(self, state: RunState) -> list[dict]:
+        shared = None
+        if state.q == 0 and self.shared_dir is not None:
+            shared = self.shared_dir / f"q0-{self._base_eval_key()}.pkl"
+            if shared.is_file():
+                rows = pickle.loads(shared.read_bytes())
+                return [{**self._row_base(state), **row} for row in rows]
+        rows = self._evaluate_rows(state)
+        if shared is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(pickle.dumps(rows))
+            os.replace(tmp, shared)
+        return [{**self._row_base(state), **row} for row in rows]
+
+    def _row_base(self, state: RunState) -> dict:
+        return {"run_id": self.run_id, "world": self.world.name, "strategy": self.cfg.strategy.name,
+                "seed": self.cfg.seed, "q": state.q, "paid": self.ledger.paid}
+
+    def _evaluate_rows(self, state: RunState) -> list[dict]:
         from qbudget.evaluate import evaluate_answers
         from qbudget.models.generate import generate_text
 
@@ -315,12 +354,9 @@ class Run:
         student = generate_text(self.student, self.tokenizer, [p.text for p in self.probe],
                                 max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
                                 top_p=s.get("top_p", 1.0), seeds=seeds)
-        rows = evaluate_answers(self.probe, self.probe_is_train, teacher, student, teacher2,
+        return evaluate_answers(self.probe, self.probe_is_train, teacher, student, teacher2,
                                 encoder=self.encoder, config=self.eval_config,
                                 key=key_for(self.cfg.seed, "evaluate", state.q))
-        base = {"run_id": self.run_id, "world": self.world.name, "strategy": self.cfg.strategy.name,
-                "seed": self.cfg.seed, "q": state.q, "paid": self.ledger.paid}
-        return [{**base, **row} for row in rows]
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -453,6 +489,19 @@ def json_roundtrip(obj):
     import json
 
     return json.loads(json_dumps(obj))
+
+
+@functools.lru_cache(maxsize=1)
+def shared_encoder():
+    """The default sentence encoder, loaded once per process.
+
+    Why: a sweep worker runs many cells; sharing the encoder shares its compiled shapes
+    and its memo of teacher-answer/prompt embeddings (identical across cells of a world).
+    Nothing mutates it: the finetune adversary trains on a split copy of its state.
+    """
+    from qbudget.models import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained()
 
 
 def make_oracle(world):

@@ -47,7 +47,7 @@ SIGNAL_PARAMS: dict[str, dict[str, Any]] = {
     "categories": {},
     "embeddings": {},
     "entropy": {"candidates": 2048, "tokens": 8, "batch_size": 64},
-    "disagreement": {"members": 4, "candidates": 256, "tokens": 4, "steps": 8,
+    "disagreement": {"members": 4, "candidates": 256, "tokens": 2, "steps": 4,
                      "batch_size": 8, "learning_rate": 2e-3, "score_batch": 64},
     "adversary_scores": {"candidates": 256, "train_max": 256, "min_train": 8, "l2": 1.0},
 }

@@ -5,6 +5,8 @@ Layout of a sweep directory::
     DIR/manifest.json        the bench config, versions, git revision, cell list, timings
     DIR/responses.sqlite     one response cache shared by every cell (a prompt is paid once)
     DIR/cells/<cell>/        one run directory per cell (its own ledger, state, results)
+    DIR/shared/q0-*.pkl      q = 0 evaluation rows, computed by the first cell of a (world,
+                             seed, run config) and reused by the other strategies' cells
     DIR/results.parquet      all cells' rows, merged when the sweep ends
 
 Resumption is per cell: a cell whose manifest says ``done`` is skipped, a cell that was
@@ -58,9 +60,37 @@ def _limit_threads(threads: int) -> None:
             os.environ.setdefault(var, str(threads))
 
 
-def _worker_init(threads: int) -> None:
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """End this worker soon after the bench process that started it is gone.
+
+    Why: a bench killed on its own (``kill PID``, OOM killer) would otherwise leave its
+    workers running, still buying answers and writing into cells that a resumed sweep
+    then runs a second time alongside them.
+    """
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="qbudget-parent-watch", daemon=True).start()
+
+
+#: the local executor's progress queue, handed to each worker at start-up (a plain
+#: multiprocessing queue can only reach a worker by inheritance, not as a task argument;
+#: a Manager queue could, but its server process outlives a killed bench)
+_PROGRESS_QUEUE = None
+
+
+def _worker_init(threads: int, parent: int | None = None, queue=None) -> None:
     from qbudget.runtime import configure_jax
 
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+    if parent is not None:
+        _exit_with_parent(parent)
     _limit_threads(threads)
     configure_jax()
 
@@ -71,6 +101,7 @@ def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict
     from qbudget.loop import Run
 
     cfg = from_dict(RunConfig, cfg_dict)
+    queue = queue if queue is not None else _PROGRESS_QUEUE
     cell = Path(cell_dir)
     if cell_done(cell):
         return {"cell": cell.name, "skipped": True}
@@ -85,7 +116,7 @@ def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict
 
     t = time.perf_counter()
     outcome = Run(cfg, cell, resume=resume, cache_path=cache_path, run_id=cell.name,
-                  progress=progress).execute()
+                  progress=progress, shared_dir=cell.parent.parent / "shared").execute()
     return {"cell": cell.name, "skipped": False, "q": outcome.q, "paid": outcome.paid,
             "seconds": time.perf_counter() - t}
 
@@ -110,6 +141,26 @@ def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
     if cfg.eval.ceiling:
         ledger.evaluation_answers(oracle, probe, sample=1)
     return {"world": cfg.world, "probe": len(probe)}
+
+
+def needs_pool_embeddings(cfg: RunConfig) -> bool:
+    """Whether the cell's strategy declares the ``embeddings`` signal."""
+    from qbudget.strategy import get_strategy
+
+    strat = get_strategy(cfg.strategy.name, dict(cfg.strategy.params))
+    return any(sig.split("[", 1)[0] == "embeddings" for sig in strat.signals)
+
+
+def prewarm_embeddings(cfg_dict: dict) -> dict:
+    """Embed a world's pool once into the world's cache (what diversity-style cells read),
+    instead of every such cell starting at once and each computing the same matrix."""
+    from qbudget.config import RunConfig, from_dict
+    from qbudget.realworld import resolve_world
+    from qbudget.signals import cached_pool_embeddings
+
+    w = resolve_world(from_dict(RunConfig, cfg_dict).world)
+    emb = cached_pool_embeddings(w.pool, w.root)
+    return {"world": w.name, "pool_embeddings": int(emb.shape[0])}
 
 
 @dataclass
@@ -189,29 +240,47 @@ def _run_local(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: s
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // workers)
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    queue = manager.Queue()
+    queue = ctx.Queue()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, os.getpid(), queue)) as pool:
         worlds = {}
         for c in todo:
             worlds.setdefault(c.world, c)
         warm = [pool.submit(prewarm_world, _as_dict(c), cache_path) for c in worlds.values()]
+        # Pool embeddings are computed alongside (on another worker) and cells that read
+        # them are queued last, so they find them cached instead of racing to compute them.
+        embeds = {c.world: c for c in todo if needs_pool_embeddings(c)}
+        embedding = [pool.submit(prewarm_embeddings, _as_dict(c)) for c in embeds.values()]
         for f in warm:
             f.result()
         emit({"event": "prewarmed", "worlds": list(worlds)})
+        order = sorted(todo, key=needs_pool_embeddings)   # stable: grid order otherwise
         futures = {pool.submit(run_cell, _as_dict(c), str(out / CELLS_DIR / cell_name(c)),
-                               cache_path, queue): cell_name(c) for c in todo}
+                               cache_path): cell_name(c) for c in order}
+        futures.update({f: "embeddings" for f in embedding})
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            while not queue.empty():
-                name, q, adv = queue.get_nowait()
+            for name, q, adv in _drain(queue):
                 emit({"event": "progress", "cell": name, "q": q, "advantage": adv})
             for f in done:
                 report = f.result()  # a failed cell raises here: the sweep stops loudly
-                emit({"event": "cell_done", **report})
-    manager.shutdown()
+                if futures[f] != "embeddings":
+                    emit({"event": "cell_done", **report})
+        for name, q, adv in _drain(queue):
+            emit({"event": "progress", "cell": name, "q": q, "advantage": adv})
+    queue.close()
+
+
+def _drain(queue) -> list:
+    import queue as queue_mod
+
+    items = []
+    while True:
+        try:
+            items.append(queue.get_nowait())
+        except queue_mod.Empty:
+            return items
 
 
 def _run_ray(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: str, emit) -> None:

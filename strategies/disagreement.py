@@ -12,12 +12,17 @@ mean distribution over the first ``tokens`` tokens:
 - ``measure="vote_entropy"``: entropy of the members' argmax votes (ties broken by js).
 
 Defaults are sized against the distillation step after a selection (30 steps of batch
-16 = 480 sequences forward+backward): committee training is M·steps·batch = 256
-sequences forward+backward, scoring M·candidates = 1,024 prompt prefills plus 3 cached
-one-token decode steps each (forward only, prompts only). ``benchmarks/perf_kcenter.py``
-times a default round next to a default distillation step; on the shared 2-core test
-machine the round measured about 2× the distillation step with 512 candidates, hence
-256 — lower ``candidates``/``steps`` further if selection must be cheaper still. Before anything is bought (no data for a committee) picks are uniform random.
+16 = 480 sequences forward+backward by default; the bench's 24 steps = 384): committee
+training is M·steps·batch = 4·4·8 = 128 sequences forward+backward (members start from
+the student's adapters, so a few steps already separate them), scoring M·candidates =
+1,024 prompt prefills (forward only) plus one cached decode step each (``tokens=2``).
+``candidates`` must stay well above the round size, or the top-k of the candidates is
+just a random subset: 256 leaves a choice of 128 out of 256 at the bench's round size.
+Measured in `make bench` (manifest timings, 8 selection rounds to q = 1,024): with 256
+candidates, 4 tokens and 8 steps the selection rounds took 1.6× the distillation that
+followed them; see the README's benchmark section for the current defaults' ratio, and
+lower ``candidates``/``steps`` if selection must be cheaper. Before anything is bought
+(no data for a committee) picks are uniform random.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def committee_spec(members, candidates, tokens, steps, learning_rate) -> str:
                 tokens=int(tokens), steps=int(steps), learning_rate=float(learning_rate))
 
 
-def make(members: int = 4, candidates: int = 256, tokens: int = 4, steps: int = 8,
+def make(members: int = 4, candidates: int = 256, tokens: int = 2, steps: int = 4,
          learning_rate: float = 2e-3, measure: str = "js") -> Strategy:
     """Query-by-committee: most disagreement among M bootstrap-trained LoRA students."""
     if measure not in MEASURES:

@@ -16,8 +16,8 @@ from strategies.disagreement import committee_spec
 from strategies.diversity import k_center_greedy
 
 
-def make(top_factor: int = 4, members: int = 4, candidates: int = 256, tokens: int = 4,
-         steps: int = 8, learning_rate: float = 2e-3) -> Strategy:
+def make(top_factor: int = 4, members: int = 4, candidates: int = 256, tokens: int = 2,
+         steps: int = 4, learning_rate: float = 2e-3) -> Strategy:
     """Greedy k-center among the top-disagreement candidates of a LoRA committee."""
     if int(top_factor) < 1:
         raise ValueError("top_factor must be >= 1")

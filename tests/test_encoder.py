@@ -54,6 +54,18 @@ def test_order_and_batching_do_not_change_embeddings(minilm):
     assert minilm.encode([]).shape == (0, 384)
 
 
+def test_memo_returns_exactly_a_fresh_encoding_of_the_same_list(minilm):
+    fresh = minilm.encode(SENTENCES, batch_size=4)
+    first = minilm.encode_memo(SENTENCES, batch_size=4)
+    np.testing.assert_array_equal(first, fresh)           # bitwise: same list, same call
+    assert minilm.encode_memo(list(SENTENCES), batch_size=4) is first   # remembered
+    assert not first.flags.writeable                       # callers cannot corrupt the memo
+    other = minilm.encode_memo(SENTENCES[:2], batch_size=4)
+    np.testing.assert_array_equal(other, minilm.encode(SENTENCES[:2], batch_size=4))
+    minilm.refresh()                                       # weights may have changed: forget
+    assert minilm.encode_memo(SENTENCES, batch_size=4) is not first
+
+
 def test_max_length_is_256_tokens(minilm):
     long = " ".join(["token"] * 600)
     assert len(minilm.token_ids([long])[0]) == 256

@@ -138,10 +138,10 @@ def evaluate_world(name: str, adapter: str | None, *, config, seed: int, encoder
     from qbudget.loop import make_oracle, stable_seed, stratified_subset
     from qbudget.models import CausalLM, load_tokenizer
     from qbudget.models.generate import generate_text
+    from qbudget.realworld import resolve_world
     from qbudget.runtime import qbudget_home
-    from qbudget.worlds import get_world
 
-    w = get_world(name)
+    w = resolve_world(name)
     if adapter is not None and not Path(adapter).is_dir():
         raise QBudgetError(f"adapter folder not found: {adapter}")
     probe, is_train = list(w.probe), np.asarray(w.probe_is_train)

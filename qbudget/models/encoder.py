@@ -14,6 +14,8 @@ a bounded set of shapes; and the forward pass is a plain ``jax.jit`` over the
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -31,6 +33,9 @@ DEFAULT_MAX_LENGTH = 256
 #: Sequence-length buckets (tokens, including [CLS]/[SEP]); the last one is max_length.
 # Fine at short lengths (most answers are short, and padding is pure waste); each bucket
 # compiles once per process (and is then served by JAX's persistent compile cache).
+#: lists of texts :meth:`SentenceEncoder.encode_memo` remembers (teacher answers, prompts,
+#: second teacher sample: a few MB each at probe size).
+MEMO_ENTRIES = 8
 LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
                   384, 448, 512)
 
@@ -284,6 +289,7 @@ class SentenceEncoder:
             return mean_pool(m(ids, mask), mask)
 
         self._forward = jax.jit(forward)
+        self._memo: "collections.OrderedDict[tuple, np.ndarray]" = collections.OrderedDict()
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None,
@@ -381,6 +387,32 @@ class SentenceEncoder:
             out[r0] = np.asarray(y0)[: len(r0)]
         return out
 
+    def encode_memo(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """:meth:`encode`, remembering the result for this exact list of texts.
+
+        Why: evaluation re-encodes the same teacher answers and probe prompts at every
+        checkpoint of every run of a world. The memo is keyed by the whole list (not per
+        text), so a hit returns exactly what a fresh ``encode`` of that list returns and
+        results never depend on what was encoded before. Keeps the last
+        ``MEMO_ENTRIES`` lists; cleared by :meth:`refresh`.
+        """
+        texts = list(texts)
+        digest = hashlib.sha256()
+        for t in texts:
+            digest.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        key = (digest.hexdigest(), len(texts), int(batch_size))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self.encode(texts, batch_size=batch_size)
+            hit.setflags(write=False)
+            self._memo[key] = hit
+            while len(self._memo) > MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        return hit
+
     def refresh(self) -> None:
         """Re-split the module after its weights were changed in place (e.g. fine-tuning)."""
         self._state = nnx.state(self.model)
+        self._memo.clear()
