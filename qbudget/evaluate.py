@@ -81,13 +81,11 @@ def _encode_all(encoder, groups: dict[str, list[str]], batch_size: int,
     depend on which other texts were encoded alongside.
     """
     out = {}
+    memo = getattr(encoder, "encode_memo", None)
     for name, texts in groups.items():
         uniq = list(dict.fromkeys(texts))
-        memo = getattr(encoder, "encode_memo", None)
-        if memo is not None and name not in fresh:
-            emb = memo(uniq, batch_size=batch_size)
-        else:
-            emb = encoder.encode(uniq, batch_size=batch_size)
+        encode = memo if memo is not None and name not in fresh else encoder.encode
+        emb = encode(uniq, batch_size=batch_size)
         where = {t: i for i, t in enumerate(uniq)}
         out[name] = emb[[where[t] for t in texts]]
     return out

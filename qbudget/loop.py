@@ -143,8 +143,10 @@ class RunOutcome:
     timings: Timings
 
 
-def _save_state(path: Path, state: RunState) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _pickle_atomic(path: Path, state) -> None:
+    """Pickle ``state`` to ``path`` atomically (temp file per process + fsync + rename),
+    so a reader sees the old file or the new one, even with two writers at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
         pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
         fh.flush()
@@ -333,9 +335,7 @@ class Run:
         rows = self._evaluate_rows(state)
         if shared is not None:
             shared.parent.mkdir(parents=True, exist_ok=True)
-            tmp = shared.with_name(f".{shared.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(pickle.dumps(rows))
-            os.replace(tmp, shared)
+            _pickle_atomic(shared, rows)
         return [{**self._row_base(state), **row} for row in rows]
 
     def _row_base(self, state: RunState) -> dict:
@@ -413,7 +413,7 @@ class Run:
                                "advantage": _headline(rows)})
                 t = time.perf_counter()
                 self._snapshot_weights(state)
-                _save_state(state_path, state)
+                _pickle_atomic(state_path, state)
                 self._write_manifest(state, "running")
                 state.timings.add("bookkeeping", time.perf_counter() - t)
             if state.q >= total:
@@ -447,7 +447,7 @@ class Run:
             state.round += 1
             state.strategy_state = new_strategy_state
             self._snapshot_weights(state)
-            _save_state(state_path, state)
+            _pickle_atomic(state_path, state)
             self._write_manifest(state, "running")
             state.timings.add("bookkeeping", time.perf_counter() - t)
             self.progress({"event": "round", "round": state.round, "q": state.q,

@@ -145,10 +145,11 @@ def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
 
 def needs_pool_embeddings(cfg: RunConfig) -> bool:
     """Whether the cell's strategy declares the ``embeddings`` signal."""
+    from qbudget.signals import parse_spec
     from qbudget.strategy import get_strategy
 
     strat = get_strategy(cfg.strategy.name, dict(cfg.strategy.params))
-    return any(sig.split("[", 1)[0] == "embeddings" for sig in strat.signals)
+    return any(parse_spec(sig)[0] == "embeddings" for sig in strat.signals)
 
 
 def prewarm_embeddings(cfg_dict: dict) -> dict:
@@ -249,12 +250,14 @@ def _run_local(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: s
         warm = [pool.submit(prewarm_world, _as_dict(c), cache_path) for c in worlds.values()]
         # Pool embeddings are computed alongside (on another worker) and cells that read
         # them are queued last, so they find them cached instead of racing to compute them.
-        embeds = {c.world: c for c in todo if needs_pool_embeddings(c)}
+        reads_embeddings = {cell_name(c): needs_pool_embeddings(c) for c in todo}
+        embeds = {c.world: c for c in todo if reads_embeddings[cell_name(c)]}
         embedding = [pool.submit(prewarm_embeddings, _as_dict(c)) for c in embeds.values()]
         for f in warm:
             f.result()
         emit({"event": "prewarmed", "worlds": list(worlds)})
-        order = sorted(todo, key=needs_pool_embeddings)   # stable: grid order otherwise
+        # stable sort: grid order otherwise
+        order = sorted(todo, key=lambda c: reads_embeddings[cell_name(c)])
         futures = {pool.submit(run_cell, _as_dict(c), str(out / CELLS_DIR / cell_name(c)),
                                cache_path): cell_name(c) for c in order}
         futures.update({f: "embeddings" for f in embedding})

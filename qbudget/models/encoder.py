@@ -33,11 +33,11 @@ DEFAULT_MAX_LENGTH = 256
 #: Sequence-length buckets (tokens, including [CLS]/[SEP]); the last one is max_length.
 # Fine at short lengths (most answers are short, and padding is pure waste); each bucket
 # compiles once per process (and is then served by JAX's persistent compile cache).
+LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+                  384, 448, 512)
 #: lists of texts :meth:`SentenceEncoder.encode_memo` remembers (teacher answers, prompts,
 #: second teacher sample: a few MB each at probe size).
 MEMO_ENTRIES = 8
-LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
-                  384, 448, 512)
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
