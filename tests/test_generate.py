@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from qbudget.errors import QBudgetError  # noqa: E402
 from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
-from qbudget.models.generate import generate, generate_text  # noqa: E402
+from qbudget.models.generate import generate, generate_text, nucleus_mask  # noqa: E402
 from qbudget.models.text import encode_prompt  # noqa: E402
 
 VOCAB = 38
@@ -79,6 +79,33 @@ def test_sampling_is_per_row_seeded_and_top_p_narrows():
     # high temperature really samples (differs from greedy somewhere)
     assert generate(model, prompts, temperature=2.0, seeds=[1, 2, 3, 4],
                     max_new_tokens=10) != greedy
+
+
+def _nucleus_by_argsort(logits, top_p):
+    """The textbook nucleus: stable sort by logit, keep ranks whose preceding mass < top_p."""
+    import jax.numpy as jnp
+
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+
+
+def test_nucleus_mask_equals_sort_and_scatter_including_ties():
+    rng = np.random.default_rng(0)
+    ours, ref = jax.jit(nucleus_mask), jax.jit(_nucleus_by_argsort)
+    for trial in range(60):
+        vocab = int(rng.choice([5, 64, 1024]))
+        x = rng.standard_normal((16, vocab)).astype(np.float32) * float(rng.choice([0.3, 3, 30]))
+        if trial % 2:
+            x = np.round(x).astype(np.float32)   # many exact ties, also at the boundary
+        x[:, :2] = 0.0
+        x[:, 2] = -0.0
+        for top_p in (0.05, 0.5, 0.9, 0.95, 0.99):
+            got, want = np.asarray(ours(x, top_p)), np.asarray(ref(x, top_p))
+            assert (got == want).all(), (trial, top_p)
+            assert got.any(axis=1).all()             # the top token is always kept
 
 
 def test_generate_text_uses_encode_prompt(tiny_tokenizer_dir):

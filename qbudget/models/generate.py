@@ -43,6 +43,39 @@ def _bucket_batch(n: int, cap: int) -> int:
     return min(b, cap) if n <= cap else n
 
 
+def _sortable(x):
+    """float32 -> int32 keys in the same order (IEEE-754 sign-magnitude -> two's complement)."""
+    b = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+
+
+def _unsortable(k):
+    return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k),
+                                        jnp.float32)
+
+
+def nucleus_mask(logits, top_p):
+    """Top-p nucleus of each row of ``logits`` [B, V]: a bool mask of the tokens kept.
+
+    A token is kept when the probability mass of the tokens ranked before it (by logit,
+    ties by lower index) is below ``top_p``, so the top token always is. Why not argsort:
+    on XLA:CPU a float argsort plus the scatter back costs ~8x a decode step of a small
+    model, while a plain int32 sort of order-preserving keys is ~8x cheaper. The kept
+    set is a prefix of the ranking, so it is {logit > t} plus the lowest-index ties at
+    t, where t is the smallest kept logit: the same tokens the sort-and-scatter gives.
+    """
+    desc = _unsortable(jnp.flip(jnp.sort(_sortable(logits), axis=-1), axis=-1))
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly before each rank
+    kept = jnp.maximum(jnp.sum(before < top_p, axis=-1), 1)
+    t = jnp.take_along_axis(desc, (kept - 1)[:, None], axis=-1)
+    above = logits > t
+    ties = logits == t
+    tie_rank = jnp.cumsum(ties, axis=-1) - 1
+    room = kept - jnp.sum(above, axis=-1)
+    return above | (ties & (tie_rank < room[:, None]))
+
+
 def _sample(logits, keys, step, temperature, top_p, *, greedy: bool, nucleus: bool):
     """Next token per row from float32 logits [B, V].
 
@@ -53,14 +86,7 @@ def _sample(logits, keys, step, temperature, top_p, *, greedy: bool, nucleus: bo
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if nucleus:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs      # mass strictly before each token
-        keep_sorted = before < top_p                      # always keeps the top token
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        logits = jnp.where(nucleus_mask(logits, top_p), logits, -jnp.inf)
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
 

@@ -2,14 +2,16 @@
 
 Steps: generate pool and probe prompts; draw a pretraining corpus per model and answer
 it with the rule-based generator in that model's house style; train one BPE tokenizer
-on all of that text; pretrain the teacher and the (smaller) base student from scratch
-with the model stack's training step; write ``world.json`` with every file's checksum.
+on all of that text; pretrain the teacher and the (smaller) base student from scratch,
+concurrently, with the model stack's training step; write ``world.json`` with every
+file's checksum.
 Same spec on the same machine -> byte-identical files.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,16 +49,15 @@ def hf_config(m: ModelSpec, vocab_size: int, max_len: int, ids: dict[str, int]):
     raise ValueError(f"unknown architecture {m.architecture!r}")
 
 
-def pretrain(m: ModelSpec, config, tok_dir: Path, pairs: list[tuple[str, str]], max_len: int,
-             seed: int, out: Path, say: Callable[[str], None]) -> list[float]:
+def pretrain(m: ModelSpec, config, tokenizer, pairs: list[tuple[str, str]], max_len: int,
+             seed: int, out: Path) -> list[float]:
     """Full-parameter pretraining of a fresh model on ``pairs``; saves an HF folder."""
     import jax
     from flax import nnx
 
-    from qbudget.models import CausalLM, load_tokenizer
+    from qbudget.models import CausalLM
     from qbudget.models.train import PairBatcher, make_optimizer, train_steps
 
-    tokenizer = load_tokenizer(tok_dir)
     key = jax.random.key(seed)
     init_key, data_key, train_key = jax.random.split(key, 3)
     lm = CausalLM.from_config(config, key=init_key)
@@ -90,17 +91,50 @@ def build_into(spec: WorldSpec, out: Path, say: Callable[[str], None] = lambda m
     say(f"[{spec.name}] prompts, corpora and tokenizer ({tok.get_vocab_size()} tokens) "
         f"in {time.perf_counter() - t0:.1f} s")
 
-    final_loss = {}
-    for i, (who, m) in enumerate((("teacher", spec.teacher), ("student", spec.student))):
+    models = (("teacher", spec.teacher), ("student", spec.student))
+    # configs and tokenizers first, in this thread: transformers' lazy imports are not
+    # thread-safe
+    configs = {who: hf_config(m, tok.get_vocab_size(), spec.max_len, ids) for who, m in models}
+    for who, _ in models:
+        save_tokenizer(tok, out / who, model_max_length=4 * spec.max_len)
+    from qbudget.models import load_tokenizer
+
+    tokenizers = {who: load_tokenizer(out / who) for who, _ in models}
+
+    def train(i: int, who: str, m: ModelSpec) -> float:
         t1 = time.perf_counter()
         folder = out / who
-        save_tokenizer(tok, folder, model_max_length=4 * spec.max_len)
-        config = hf_config(m, tok.get_vocab_size(), spec.max_len, ids)
-        losses = pretrain(m, config, folder, corpora[who], spec.max_len,
-                          spec.seed * 1000 + i, folder, say)
-        final_loss[who] = round(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)
+        losses = pretrain(m, configs[who], tokenizers[who], corpora[who], spec.max_len,
+                          spec.seed * 1000 + i, folder)
+        loss = round(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)
         say(f"[{spec.name}] {who} ({m.architecture}, {spec.params(who):,} params): "
-            f"{m.steps} steps, final loss {final_loss[who]:.3f}, {time.perf_counter() - t1:.1f} s")
+            f"{m.steps} steps, final loss {loss:.3f}, {time.perf_counter() - t1:.1f} s")
+        return loss
+
+    # Teacher and student pretrain at the same time, one thread each: the models are too
+    # small for one training to keep two cores busy (~170% CPU alone), and each result is
+    # independent of the other (own seed, own batches, own compiled program), so the
+    # files are byte-identical to training them one after the other. Daemon threads, so
+    # Ctrl-C ends the build at once (it writes into a temporary folder: nothing is lost).
+    outcome: dict[str, tuple[bool, object]] = {}
+
+    def run(i: int, who: str, m: ModelSpec) -> None:
+        try:
+            outcome[who] = (True, train(i, who, m))
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+            outcome[who] = (False, exc)
+
+    threads = [threading.Thread(target=run, args=(i, who, m), daemon=True, name=f"pretrain-{who}")
+               for i, (who, m) in enumerate(models)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for who, _ in models:
+        ok, value = outcome[who]
+        if not ok:
+            raise value
+    final_loss = {who: outcome[who][1] for who, _ in models}
 
     info = {
         "name": spec.name,
