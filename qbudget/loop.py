@@ -143,12 +143,12 @@ class RunOutcome:
     timings: Timings
 
 
-def _pickle_atomic(path: Path, state) -> None:
-    """Pickle ``state`` to ``path`` atomically (temp file per process + fsync + rename),
+def _pickle_atomic(path: Path, obj) -> None:
+    """Pickle ``obj`` to ``path`` atomically (temp file per process + fsync + rename),
     so a reader sees the old file or the new one, even with two writers at once."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
-        pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)

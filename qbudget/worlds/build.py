@@ -101,40 +101,35 @@ def build_into(spec: WorldSpec, out: Path, say: Callable[[str], None] = lambda m
 
     tokenizers = {who: load_tokenizer(out / who) for who, _ in models}
 
-    def train(i: int, who: str, m: ModelSpec) -> float:
+    final_loss: dict[str, float] = {}
+    failed: dict[str, BaseException] = {}
+
+    def train(i: int, who: str, m: ModelSpec) -> None:
         t1 = time.perf_counter()
-        folder = out / who
-        losses = pretrain(m, configs[who], tokenizers[who], corpora[who], spec.max_len,
-                          spec.seed * 1000 + i, folder)
-        loss = round(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)
+        try:
+            losses = pretrain(m, configs[who], tokenizers[who], corpora[who], spec.max_len,
+                              spec.seed * 1000 + i, out / who)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+            failed[who] = exc
+            return
+        final_loss[who] = round(float(np.mean(losses[-max(1, len(losses) // 10):])), 4)
         say(f"[{spec.name}] {who} ({m.architecture}, {spec.params(who):,} params): "
-            f"{m.steps} steps, final loss {loss:.3f}, {time.perf_counter() - t1:.1f} s")
-        return loss
+            f"{m.steps} steps, final loss {final_loss[who]:.3f}, {time.perf_counter() - t1:.1f} s")
 
     # Teacher and student pretrain at the same time, one thread each: the models are too
     # small for one training to keep two cores busy (~170% CPU alone), and each result is
     # independent of the other (own seed, own batches, own compiled program), so the
     # files are byte-identical to training them one after the other. Daemon threads, so
     # Ctrl-C ends the build at once (it writes into a temporary folder: nothing is lost).
-    outcome: dict[str, tuple[bool, object]] = {}
-
-    def run(i: int, who: str, m: ModelSpec) -> None:
-        try:
-            outcome[who] = (True, train(i, who, m))
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
-            outcome[who] = (False, exc)
-
-    threads = [threading.Thread(target=run, args=(i, who, m), daemon=True, name=f"pretrain-{who}")
+    threads = [threading.Thread(target=train, args=(i, who, m), daemon=True, name=f"pretrain-{who}")
                for i, (who, m) in enumerate(models)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     for who, _ in models:
-        ok, value = outcome[who]
-        if not ok:
-            raise value
-    final_loss = {who: outcome[who][1] for who, _ in models}
+        if who in failed:
+            raise failed[who]
 
     info = {
         "name": spec.name,
