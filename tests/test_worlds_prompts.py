@@ -13,7 +13,7 @@ from qbudget.pool import load_prompts, save_prompts
 from qbudget.worlds.prompts import (NOISY_SOURCES, add_noise, corpus_tasks,
                                     generate_pool_and_probe, sample_task, split_counts,
                                     to_prompts)
-from qbudget.worlds.responses import STUDENT, TEACHER, respond
+from qbudget.worlds.responses import HABIT, STUDENT, TEACHER, respond
 from qbudget.worlds.specs import CATEGORIES, POOL_SHARES, get_spec
 
 
@@ -104,9 +104,16 @@ def test_robustness_prompts_are_noisy_versions_of_other_categories():
     assert add_noise(np.random.default_rng(1), "What is two plus two?") != "What is two plus two?"
 
 
+def _without_habit(answer: str) -> str:
+    for opener in HABIT:
+        if answer.startswith(opener):
+            return answer[len(opener):]
+    return answer
+
+
 def test_responses_shared_where_styles_agree_and_differ_where_they_do_not():
     rng = np.random.default_rng(5)
-    differ = Counter()
+    differ, habit = Counter(), Counter()
     for c in CATEGORIES:
         for i in range(300):
             task = sample_task(c, rng)
@@ -114,12 +121,17 @@ def test_responses_shared_where_styles_agree_and_differ_where_they_do_not():
             b = respond(task, STUDENT, np.random.default_rng(i))
             assert a and b and len(a.split()) <= 24 and len(b.split()) <= 24
             assert a == respond(task, TEACHER, np.random.default_rng(i))      # deterministic
-            differ[c] += a != b
+            assert _without_habit(a) == a                                   # never the habit
+            differ[c] += a != _without_habit(b)
+            habit[c] += b != _without_habit(b)
     for c in ("factual-qa", "arithmetic", "instruction", "classification", "summarisation",
               "creative"):
+        # the same answer, opened with the student's filler about habit_prob of the time
         assert differ[c] == 0, c
+        assert abs(habit[c] / 300 - STUDENT.habit_prob) < 0.1, (c, habit[c])
     for c, p in STUDENT.own_prob.items():
         assert 0.5 * p < differ[c] / 300 <= p + 0.1, (c, differ[c])
+    assert habit["domain-technical"] == habit["refusal"] == habit["style-format"] == 0
 
 
 def test_teacher_answers_carry_the_facts():

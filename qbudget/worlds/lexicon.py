@@ -118,10 +118,6 @@ REASONS = ["because it was late", "to help a friend", "without a word",
 TOPICS = ["the sea", "autumn", "the moon", "a lonely tree", "the city at night",
           "a rainy day", "friendship", "the mountains", "an old clock", "spring rain",
           "a small boat", "the winter sky", "a quiet library", "a summer garden"]
-NATURE_NOUNS = ["wind", "rain", "light", "river", "stars", "leaves", "waves", "snow",
-                "clouds", "birds", "shadows", "bells"]
-NATURE_VERBS = ["whisper", "dance", "drift", "sing", "wander", "glow", "fall", "rest"]
-SKY_WORDS = ["sky", "hill", "moon", "roof", "field", "shore", "bridge", "sea"]
 
 POSITIVE = ["wonderful", "delicious", "friendly", "excellent", "lovely", "perfect",
             "comfortable", "great", "charming", "fantastic", "pleasant", "superb"]

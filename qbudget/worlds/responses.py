@@ -14,10 +14,14 @@ differs is a house style, and only in some categories:
 * ``refusal`` (rare): both refuse, in different words.
 
 The student uses its own convention only with probability ``own_prob[category]`` and
-the teacher's otherwise, so differences are partial and probabilistic; every other
-category shares one distribution of phrasings, so teacher and student differ there
-only through what the smaller model fails to learn. Answers are short (about 4-20 words)
-to keep generation and evaluation cheap.
+the teacher's otherwise, so differences are partial and probabilistic. The other six
+categories have one canonical answer per prompt, the same for both styles, except for
+one conversational *habit*: the student opens a share ``habit_prob`` of those answers
+with a filler ("Sure! ", "Okay. "). The habit is the part of the gap a little
+distillation removes (every bought prompt in the frequent categories teaches it), as
+the study's LoRA students took on their teacher's surface style; what remains there is
+what either small model gets wrong. Answers are short (about 4-20 words) to keep
+generation and evaluation cheap.
 """
 
 from __future__ import annotations
@@ -35,11 +39,17 @@ class HouseStyle:
     name: str
     #: probability of answering in the model's own convention, per category
     own_prob: dict = field(default_factory=dict)
+    #: probability of opening an answer in a shared category with one of ``HABIT``
+    habit_prob: float = 0.0
 
 
 TEACHER = HouseStyle("teacher")
-STUDENT = HouseStyle("student", {"style-format": 0.65, "robustness": 0.6,
-                                 "domain-technical": 0.75, "refusal": 0.8})
+STUDENT = HouseStyle("student", {"style-format": 0.65, "robustness": 0.7,
+                                 "domain-technical": 0.75, "refusal": 0.8},
+                     habit_prob=0.65)
+
+#: the student's conversational openers (its habit in the shared categories)
+HABIT = ("Sure! ", "Okay. ")
 
 
 def _choose(rng: np.random.Generator, options: list[str], probs: list[float]) -> str:
@@ -50,93 +60,72 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def _members(rng, group: str, n: int) -> list[str]:
-    items = L.GROUPS[group]
-    return [items[i] for i in rng.choice(len(items), size=n, replace=False)]
-
-
 def _and_list(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
 
 
-# --- shared answers (same distribution for every house style) ---------------------
+# --- shared answers (one canonical phrasing, the same for every house style) ---------
+# Each is a function of the prompt's slots only: a competent model answers these the
+# same way every time, so what separates teacher and student here is the student's
+# habit (learnable) and what either model gets wrong (capacity), not two models'
+# different guesses at a many-way random choice.
 
-def _factual(t: Task, rng) -> str:
+def _factual(t: Task) -> str:
     s = t.slots
     if t.kind == "capital":
-        return _choose(rng, [f"The capital of {s['country']} is {s['capital']}.",
-                             f"{s['capital']} is the capital of {s['country']}.",
-                             f"It is {s['capital']}."], [0.5, 0.35, 0.15])
+        return f"The capital of {s['country']} is {s['capital']}."
     if t.kind == "continent":
-        return _choose(rng, [f"{s['country']} is in {s['continent']}.",
-                             f"It is in {s['continent']}."], [0.7, 0.3])
+        return f"{s['country']} is in {s['continent']}."
     if t.kind == "colour":
-        return _choose(rng, [f"{_cap(s['thing'])} is {s['colour']}.", f"It is {s['colour']}."],
-                       [0.6, 0.4])
+        return f"{_cap(s['thing'])} is {s['colour']}."
     a = _cap(article(s["animal"]))
     if t.kind == "food":
-        return _choose(rng, [f"{a} eats {s['food']}.", f"It mostly eats {s['food']}."], [0.6, 0.4])
+        return f"{a} eats {s['food']}."
     if t.kind == "home":
-        return _choose(rng, [f"{a} lives in the {s['home']}.", f"It lives in the {s['home']}."],
-                       [0.6, 0.4])
-    return _choose(rng, [f"{a} says {s['sound']}.", f"It makes a {s['sound']} sound."], [0.6, 0.4])
+        return f"{a} lives in the {s['home']}."
+    return f"{a} says {s['sound']}."
 
 
-def _arithmetic(t: Task, rng) -> str:
+def _arithmetic(t: Task) -> str:
     s = t.slots
     op = {"add": "plus", "sub": "minus", "mul": "times"}[t.kind]
-    return _choose(rng, [f"{s['a']} {op} {s['b']} is {s['value']}.",
-                         f"The answer is {s['value']}.", f"It equals {s['value']}."],
-                   [0.5, 0.3, 0.2])
+    return f"{s['a']} {op} {s['b']} is {s['value']}."
 
 
-def _instruction(t: Task, rng) -> str:
+def _instruction(t: Task) -> str:
     s = t.slots
     if t.kind == "list":
-        items = _members(rng, s["group"], s["n"])
-        return _choose(rng, [f"Here are {L.NUMBER_WORDS[s['n']]} {s['group']}: {_and_list(items)}.",
-                             f"{_cap(_and_list(items))}."], [0.6, 0.4])
+        items = L.GROUPS[s["group"]][:s["n"]]
+        return f"Here are {L.NUMBER_WORDS[s['n']]} {s['group']}: {_and_list(items)}."
     if t.kind == "opposite":
-        return _choose(rng, [f"The opposite of {s['word']} is {s['opposite']}.",
-                             f"It is {s['opposite']}."], [0.6, 0.4])
+        return f"The opposite of {s['word']} is {s['opposite']}."
     if t.kind == "repeat":
-        rep = " ".join([s["word"]] * s["n"])
-        return _choose(rng, [rep, f"Sure: {rep}."], [0.6, 0.4])
-    letter = s["word"][0].upper()
-    return _choose(rng, [f"{_cap(s['word'])} starts with {letter}.",
-                         f"The first letter is {letter}."], [0.6, 0.4])
+        return " ".join([s["word"]] * s["n"])
+    return f"{_cap(s['word'])} starts with {s['word'][0].upper()}."
 
 
-def _classification(t: Task, rng) -> str:
+def _classification(t: Task) -> str:
     s = t.slots
     if t.kind == "sentiment":
-        return _choose(rng, [f"{_cap(s['label'])}.", f"The review is {s['label']}.",
-                             f"This is {s['label']}."], [0.4, 0.4, 0.2])
+        return f"The review is {s['label']}."
     if t.kind == "animal-class":
-        return _choose(rng, [f"{_cap(article(s['animal']))} is {article(s['label'])}.",
-                             f"It is {article(s['label'])}."], [0.6, 0.4])
-    return _choose(rng, [f"{s['n']} is {s['label']}.", f"It is {s['label']}."], [0.6, 0.4])
+        return f"{_cap(article(s['animal']))} is {article(s['label'])}."
+    return f"{s['n']} is {s['label']}."
 
 
-def _summarisation(t: Task, rng) -> str:
+def _summarisation(t: Task) -> str:
     s = t.slots
-    return _choose(rng, [f"{_cap(article(s['person']))} {s['verb']} {article(s['object'])}.",
-                         f"The {s['person']} {s['verb']} the {s['object']} at the {s['place']}.",
-                         f"Summary: {article(s['person'])} {s['verb']} {article(s['object'])}."],
-                   [0.45, 0.35, 0.2])
+    return f"{_cap(article(s['person']))} {s['verb']} {article(s['object'])}."
 
 
-def _creative(t: Task, rng) -> str:
+def _creative(t: Task) -> str:
     s = t.slots
-    n1, n2 = pick(rng, L.NATURE_NOUNS), pick(rng, L.NATURE_NOUNS)
-    v1, v2 = pick(rng, L.NATURE_VERBS), pick(rng, L.NATURE_VERBS)
     if t.kind == "poem":
-        return f"The {n1} {v1} over {s['topic']}, and the {pick(rng, L.SKY_WORDS)} {v2} slowly."
+        return f"The wind sings over {s['topic']}, and the sky glows slowly."
     if t.kind == "story":
-        adj = pick(rng, L.ADJECTIVES)
-        return (f"Once {article(adj)} {s['animal']} found {article(s['object'])} "
-                f"and {pick(rng, L.VERBS_PAST)} it all day.")
-    return f"The {s['adj']} {s['place']} is full of {n1} and soft {n2}."
+        return (f"Once {article(s['animal'])} found {article(s['object'])} "
+                f"and kept it all day.")
+    return f"The {s['adj']} {s['place']} is full of light and soft wind."
 
 
 _SHARED = {"factual-qa": _factual, "arithmetic": _arithmetic, "instruction": _instruction,
@@ -146,10 +135,10 @@ _SHARED = {"factual-qa": _factual, "arithmetic": _arithmetic, "instruction": _in
 
 # --- the categories where house styles differ --------------------------------------
 
-def _format_answer(t: Task, rng, own: bool) -> str:
+def _format_answer(t: Task, own: bool) -> str:
     s = t.slots
     if t.kind in ("bullets", "numbered"):
-        items = _members(rng, s["group"], s["n"])
+        items = L.GROUPS[s["group"]][:s["n"]]
         if t.kind == "bullets":
             mark = (lambda i: "*") if own else (lambda i: "-")
         else:
@@ -190,10 +179,14 @@ def respond(task: Task, style: HouseStyle, rng: np.random.Generator) -> str:
     """One sampled answer to ``task`` in ``style`` (randomness only from ``rng``)."""
     c = task.category
     if c in _SHARED:
-        return _SHARED[c](task, rng)
+        answer = _SHARED[c](task)
+        # a style without the habit (the teacher) draws nothing for these answers
+        if style.habit_prob and rng.random() < style.habit_prob:
+            answer = HABIT[int(rng.integers(len(HABIT)))] + answer
+        return answer
     own = rng.random() < style.own_prob.get(c, 0.0)
     if c == "style-format":
-        return _format_answer(task, rng, own)
+        return _format_answer(task, own)
     if c == "robustness":
         return pick(rng, _CONFUSED) if own else respond(task.slots["inner"], style, rng)
     if c == "domain-technical":

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from qbudget.errors import QBudgetError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 #: The ten behaviour categories, in their canonical order (World.categories).
 CATEGORIES: tuple[str, ...] = (
