@@ -115,6 +115,21 @@ def test_full_training_moves_all_params(tok):
     assert all(not np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_decayed_schedule_warms_up_from_zero_then_trains(tok):
+    # the worlds' pretraining schedule: linear warm-up from 0, cosine decay over the run
+    model = CausalLM.from_config(config(), key=jax.random.key(4))
+    batcher = PairBatcher(tok, PROMPTS, ANSWERS, batch_size=5, max_len=32)
+    before = params(model)
+    opt = make_optimizer(model, 3e-3, wrt=nnx.Param, decay_steps=40)
+    train_steps(model, opt, batcher, 1, rng=np.random.default_rng(0))
+    first = params(model)
+    assert all(np.array_equal(before[k], first[k]) for k in before)   # step 0 has rate 0
+    losses = train_steps(model, opt, batcher, 39, rng=np.random.default_rng(1))
+    assert losses[-5:].mean() < losses[:5].mean()
+    after = params(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_optimizer_needs_adapters():
     model = CausalLM.from_config(config(), key=jax.random.key(0))
     with pytest.raises(QBudgetError, match="attach_lora"):

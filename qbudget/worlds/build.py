@@ -63,7 +63,7 @@ def pretrain(m: ModelSpec, config, tokenizer, pairs: list[tuple[str, str]], max_
     lm = CausalLM.from_config(config, key=init_key)
     batcher = PairBatcher(tokenizer, pairs, batch_size=m.batch_size, max_len=max_len,
                           bucket=max_len, key=data_key)   # one shape: one compile
-    opt = make_optimizer(lm, m.learning_rate, wrt=nnx.Param)
+    opt = make_optimizer(lm, m.learning_rate, wrt=nnx.Param, decay_steps=m.steps)
     losses = [float(x) for x in train_steps(lm, opt, batcher, m.steps, train_key)]
     lm.save_pretrained(out)
     return losses

@@ -85,13 +85,13 @@ def _factual(rng):
 
 
 def _arithmetic(rng):
+    # Single-digit operands: a few hundred facts a tiny model can learn. With operands up
+    # to 50 neither tiny model got 10% right, and two models' different wrong sums were
+    # the largest gap left after distillation -- noise, not behaviour a student can copy.
     kind = pick(rng, ["add", "add", "sub", "mul"])
-    if kind == "mul":
-        a, b = int(rng.integers(0, 13)), int(rng.integers(0, 13))
-    else:
-        a, b = int(rng.integers(0, 51)), int(rng.integers(0, 51))
-        if kind == "sub" and b > a:
-            a, b = b, a
+    a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
+    if kind == "sub" and b > a:
+        a, b = b, a
     tpl = pick(rng, {
         "add": ["What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
                 "Calculate {a} + {b}."],
@@ -147,7 +147,7 @@ def _classification(rng):
                          "Classify {a} as a mammal, bird, reptile, insect or fish."])
         return kind, tpl.format(a=article(animal)), {"animal": animal,
                                                      "label": L.ANIMALS[animal][3]}
-    n = int(rng.integers(0, 1000))
+    n = int(rng.integers(0, 100))   # two digits: three-digit copies failed the small student
     tpl = pick(rng, ["Is {n} even or odd?", "Tell me whether {n} is even or odd.",
                      "Is the number {n} odd or even?"])
     return kind, tpl.format(n=n), {"n": n, "label": "even" if n % 2 == 0 else "odd"}

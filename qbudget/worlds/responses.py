@@ -46,7 +46,7 @@ class HouseStyle:
 TEACHER = HouseStyle("teacher")
 STUDENT = HouseStyle("student", {"style-format": 0.65, "robustness": 0.7,
                                  "domain-technical": 0.75, "refusal": 0.8},
-                     habit_prob=0.65)
+                     habit_prob=0.75)
 
 #: the student's conversational openers (its habit in the shared categories)
 HABIT = ("Sure! ", "Okay. ")
@@ -115,7 +115,9 @@ def _classification(t: Task) -> str:
 
 def _summarisation(t: Task) -> str:
     s = t.slots
-    return f"{_cap(article(s['person']))} {s['verb']} {article(s['object'])}."
+    # who and what, not the verb: copying the verb out of mid-sentence was beyond the
+    # two-layer student (5% right against the teacher's 98%)
+    return f"A story about {article(s['person'])} and {article(s['object'])}."
 
 
 def _creative(t: Task) -> str:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from qbudget.errors import QBudgetError
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 
 #: The ten behaviour categories, in their canonical order (World.categories).
 CATEGORIES: tuple[str, ...] = (
@@ -58,7 +58,7 @@ class ModelSpec:
     intermediate_size: int
     steps: int                   # full-parameter pretraining steps
     batch_size: int
-    learning_rate: float
+    learning_rate: float         # peak rate: 5% warm-up, cosine decay to a tenth
     train_prompts: int           # distinct prompts in its pretraining corpus
     #: multiplies POOL_SHARES when drawing the pretraining corpus; the student saw
     #: little domain-technical text.
@@ -109,6 +109,9 @@ def _tiny(name: str, arch: str, seed: int, description: str) -> WorldSpec:
     # Sized for the <= 5 minute build on two CPU cores: about 0.29 s per teacher step and
     # 0.17 s per student step (batch 64 x 48 tokens) when each trains alone, ~4.5 minutes
     # in all with the two pretraining concurrently.
+    # Both pretrain with a warm-up and cosine decay (version 3): the decayed teacher makes
+    # fewer slips (tiny-llama's greedy answers in the shared categories 74% -> 87% right).
+    # The smaller student gets twice the teacher's peak rate: at 3e-3 it ended undertrained.
     # Both teachers use grouped-query attention (2 KV heads for 4 query heads): with 4 KV
     # heads the Llama teacher's steps cost ~15% more and its build missed the 5 minutes.
     return WorldSpec(
@@ -123,7 +126,7 @@ def _tiny(name: str, arch: str, seed: int, description: str) -> WorldSpec:
         teacher=ModelSpec(arch, 96, 3, 4, 2, 256, steps=640, batch_size=64,
                           learning_rate=3e-3, train_prompts=24_000),
         student=ModelSpec(arch, 64, 2, 4, 2, 192, steps=560, batch_size=64,
-                          learning_rate=3e-3, train_prompts=16_000,
+                          learning_rate=6e-3, train_prompts=16_000,
                           corpus_weights=_STUDENT_CORPUS),
         sampling=dict(_SAMPLING),
     )
