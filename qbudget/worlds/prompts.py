@@ -86,7 +86,7 @@ def _factual(rng):
 
 def _arithmetic(rng):
     # Single-digit operands: a few hundred facts a tiny model can learn. With operands up
-    # to 50 neither tiny model got 10% right, and two models' different wrong sums were
+    # to 50 neither tiny-llama model got 10% right, and two models' different wrong sums were
     # the largest gap left after distillation -- noise, not behaviour a student can copy.
     kind = pick(rng, ["add", "add", "sub", "mul"])
     a, b = int(rng.integers(0, 10)), int(rng.integers(0, 10))
@@ -147,7 +147,7 @@ def _classification(rng):
                          "Classify {a} as a mammal, bird, reptile, insect or fish."])
         return kind, tpl.format(a=article(animal)), {"animal": animal,
                                                      "label": L.ANIMALS[animal][3]}
-    n = int(rng.integers(0, 100))   # two digits: three-digit copies failed the small student
+    n = int(rng.integers(0, 100))   # two digits: fewer digits for the small student to copy
     tpl = pick(rng, ["Is {n} even or odd?", "Tell me whether {n} is even or odd.",
                      "Is the number {n} odd or even?"])
     return kind, tpl.format(n=n), {"n": n, "label": "even" if n % 2 == 0 else "odd"}

@@ -116,7 +116,7 @@ def _classification(t: Task) -> str:
 def _summarisation(t: Task) -> str:
     s = t.slots
     # who and what, not the verb: copying the verb out of mid-sentence was beyond the
-    # two-layer student (5% right against the teacher's 98%)
+    # two-layer student (version 2, tiny-llama, greedy: 7% right against the teacher's 100%)
     return f"A story about {article(s['person'])} and {article(s['object'])}."
 
 
