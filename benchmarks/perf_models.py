@@ -3,7 +3,8 @@
 Same Llama checkpoint (hidden 256, 4 layers, 8 heads, vocab 2048), same data, same run:
 
 - LoRA training throughput (tokens/s), batch 16 x 96, rank 8 on q/k/v/o, AdamW;
-- greedy generation throughput (new tokens/s), batch 32, prompt 32, 32 new tokens;
+- greedy generation throughput (new tokens/s), batch 32, prompt 32, 32 new tokens, next to
+  the most the float32 matmuls allow (the call's FLOPs at the measured matmul rate);
 - the training step's achieved GFLOP/s (forward + activation gradients through the frozen
   base + LoRA, counted analytically) next to plain jitted float32 matmuls at the model's
   own shapes, measured here;
@@ -79,6 +80,16 @@ def training_flops() -> float:
     fwd = 2 * (lin + attn + lora) * tokens
     bwd = 2 * (lin + 2 * attn + 2 * lora) * tokens     # dX of every matmul; dA, dB; attn 2x
     return float(fwd + bwd)
+
+
+def generation_flops() -> float:
+    """FLOPs of one greedy generate call: the prompts' prefill (lm head on the last position
+    only, as both sides compute it) plus GEN_N - 1 one-token decode steps over the cache."""
+    lin = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER)                 # MACs/token
+    head = HIDDEN * VOCAB
+    prefill = GEN_B * (GEN_P * (lin + LAYERS * 2 * GEN_P * HIDDEN) + head)
+    decode = (GEN_N - 1) * GEN_B * (lin + head + LAYERS * 2 * (GEN_P + GEN_N) * HIDDEN)
+    return 2.0 * (prefill + decode)
 
 
 def bench_ours_train(folder, steps, repeats):
@@ -225,6 +236,14 @@ def main(argv=None):
                                      "transformers_new_tokens_per_s": round(torch_gen, 1),
                                      "ratio": round(ours_gen / torch_gen, 3), "target_ratio": 5.0,
                                      "same_token_ids": ours_ids == torch_ids}
+        # What the float32 matmuls alone allow: the call's FLOPs at the plain-matmul rate
+        # measured above (at M = 1,536 rows; a decode step's 32-row matmuls run slower, so
+        # this is an upper bound on any implementation's tokens/s on these cores).
+        bound = GEN_B * GEN_N / (generation_flops() / (matmul * 1e9))
+        result["greedy_generate"].update({
+            "gflop_per_call": round(generation_flops() / 1e9, 3),
+            "matmul_bound_new_tokens_per_s": round(bound, 1),
+            "matmul_bound_ratio": round(bound / torch_gen, 3)})
     if not args.no_encoder:
         bench_dir = Path(__file__).resolve().parent
         if (bench_dir / "encoder_bench.py").exists():
