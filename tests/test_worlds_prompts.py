@@ -13,6 +13,7 @@ from qbudget.pool import load_prompts, save_prompts
 from qbudget.worlds.prompts import (NOISY_SOURCES, add_noise, corpus_tasks,
                                     generate_pool_and_probe, sample_task, split_counts,
                                     to_prompts)
+from qbudget.worlds.build import answer_corpus, house_styles
 from qbudget.worlds.responses import HABIT, STUDENT, TEACHER, respond
 from qbudget.worlds.specs import CATEGORIES, POOL_SHARES, get_spec
 
@@ -142,6 +143,18 @@ def test_teacher_answers_carry_the_facts():
         t = sample_task("domain-technical", rng)
         r = respond(t, TEACHER, rng)
         assert t.slots["definition"] in r
+
+
+@pytest.mark.parametrize("world", ["tiny-qwen2", "tiny-llama"])
+def test_each_world_sets_its_students_habit_rate(world):
+    spec = get_spec(world)
+    styles = house_styles(spec)
+    assert styles["teacher"] == TEACHER and styles["student"].own_prob == STUDENT.own_prob
+    tasks = corpus_tasks(spec.seed, "student", 3000, {})
+    shared = [(t, r) for t, (_, r) in zip(tasks, answer_corpus(tasks, styles["student"], 0))
+              if t.category in ("factual-qa", "arithmetic", "classification")]
+    rate = sum(r != _without_habit(r) for _, r in shared) / len(shared)
+    assert abs(rate - spec.habit_prob) < 0.04, (world, rate)
 
 
 def test_student_corpus_has_little_domain_technical_text():

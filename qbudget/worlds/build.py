@@ -10,6 +10,7 @@ Same spec on the same machine -> byte-identical files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -30,6 +31,12 @@ def answer_corpus(tasks: list[Task], style: HouseStyle, seed: int) -> list[tuple
     """(prompt, response) pairs in ``style``; one seeded stream per corpus."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, len(style.name)]))
     return [(t.text, respond(t, style, rng)) for t in tasks]
+
+
+def house_styles(spec: WorldSpec) -> dict[str, HouseStyle]:
+    """The teacher's and the student's house styles in world ``spec`` (its habit rate)."""
+    return {"teacher": TEACHER,
+            "student": dataclasses.replace(STUDENT, habit_prob=spec.habit_prob)}
 
 
 def hf_config(m: ModelSpec, vocab_size: int, max_len: int, ids: dict[str, int]):
@@ -81,7 +88,9 @@ def build_into(spec: WorldSpec, out: Path, say: Callable[[str], None] = lambda m
     save_prompts(to_prompts(probe_tasks, "probe", is_train), out / "probe.jsonl")
 
     corpora = {}
-    for who, m, style in (("teacher", spec.teacher, TEACHER), ("student", spec.student, STUDENT)):
+    styles = house_styles(spec)
+    for who, m in (("teacher", spec.teacher), ("student", spec.student)):
+        style = styles[who]
         tasks = corpus_tasks(spec.seed, who, m.train_prompts, m.corpus_weights)
         corpora[who] = answer_corpus(tasks, style, spec.seed)
     texts = [t.text for t in pool_tasks] + [t.text for t in probe_tasks]

@@ -46,7 +46,7 @@ class HouseStyle:
 TEACHER = HouseStyle("teacher")
 STUDENT = HouseStyle("student", {"style-format": 0.65, "robustness": 0.7,
                                  "domain-technical": 0.75, "refusal": 0.8},
-                     habit_prob=0.75)
+                     habit_prob=0.75)   # a world's spec may set its own (WorldSpec.habit_prob)
 
 #: the student's conversational openers (its habit in the shared categories)
 HABIT = ("Sure! ", "Okay. ")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from qbudget.errors import QBudgetError
 
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 
 #: The ten behaviour categories, in their canonical order (World.categories).
 CATEGORIES: tuple[str, ...] = (
@@ -85,6 +85,9 @@ class WorldSpec:
     teacher: ModelSpec
     student: ModelSpec
     sampling: dict
+    #: share of the base student's answers in the six shared categories that open with
+    #: its conversational habit (responses.HABIT); replaces the student style's default
+    habit_prob: float = 0.75
 
     @property
     def architecture(self) -> str:
@@ -105,7 +108,8 @@ _SAMPLING = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 40}
 _STUDENT_CORPUS = {"domain-technical": 0.15}
 
 
-def _tiny(name: str, arch: str, seed: int, description: str) -> WorldSpec:
+def _tiny(name: str, arch: str, seed: int, description: str, *, student_steps: int = 560,
+          habit_prob: float = 0.75) -> WorldSpec:
     # Sized for the <= 5 minute build on two CPU cores: about 0.29 s per teacher step and
     # 0.17 s per student step (batch 64 x 48 tokens) when each trains alone, ~4.5 minutes
     # in all with the two pretraining concurrently.
@@ -126,10 +130,11 @@ def _tiny(name: str, arch: str, seed: int, description: str) -> WorldSpec:
         max_len=48,
         teacher=ModelSpec(arch, 96, 3, 4, 2, 256, steps=640, batch_size=64,
                           learning_rate=3e-3, train_prompts=24_000),
-        student=ModelSpec(arch, 64, 2, 4, 2, 192, steps=560, batch_size=64,
+        student=ModelSpec(arch, 64, 2, 4, 2, 192, steps=student_steps, batch_size=64,
                           learning_rate=6e-3, train_prompts=16_000,
                           corpus_weights=_STUDENT_CORPUS),
         sampling=dict(_SAMPLING),
+        habit_prob=habit_prob,
     )
 
 
@@ -150,8 +155,15 @@ WORLDS: dict[str, WorldSpec] = {
                           corpus_weights=_STUDENT_CORPUS),
         sampling={"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 24},
     ),
+    # Version 4: the Qwen2 student trains 720 steps (not 560) and opens 70% of its shared
+    # answers with the habit (not 75%). With version 3's settings its base advantage was
+    # 0.864, above the 0.85 cap; 720 steps alone left it at 0.86 (the habit sets it) while
+    # the distilled advantage fell 0.426 -> 0.406 (fewer slips to copy wrongly); the
+    # weaker habit then brought the base to 0.822 (calibration-shaped runs, random q=1000).
+    # Its build takes ~270 s, within the 5 minutes. tiny-llama is unchanged.
     "tiny-qwen2": _tiny("tiny-qwen2", "qwen2", 1013,
-                        "Qwen2-architecture teacher/student pair"),
+                        "Qwen2-architecture teacher/student pair",
+                        student_steps=720, habit_prob=0.70),
     "tiny-llama": _tiny("tiny-llama", "llama", 2027,
                         "Llama-architecture teacher/student pair"),
 }
