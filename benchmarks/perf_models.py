@@ -4,7 +4,8 @@ Same Llama checkpoint (hidden 256, 4 layers, 8 heads, vocab 2048), same data, sa
 
 - LoRA training throughput (tokens/s), batch 16 x 96, rank 8 on q/k/v/o, AdamW;
 - greedy generation throughput (new tokens/s), batch 32, prompt 32, 32 new tokens, next to
-  the most the float32 matmuls allow (the call's FLOPs at the measured matmul rate);
+  the most plain float32 matmuls allow (the call's FLOPs at matmul rates measured at its
+  own row counts: prefill and one-token decode steps);
 - the training step's achieved GFLOP/s (forward + activation gradients through the frozen
   base + LoRA, counted analytically) next to plain jitted float32 matmuls at the model's
   own shapes, measured here;

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from qbudget.pool import load_prompts, save_prompts
+from qbudget.worlds.build import answer_corpus, house_styles
 from qbudget.worlds.prompts import (NOISY_SOURCES, add_noise, corpus_tasks,
                                     generate_pool_and_probe, sample_task, split_counts,
                                     to_prompts)
-from qbudget.worlds.build import answer_corpus, house_styles
 from qbudget.worlds.responses import HABIT, STUDENT, TEACHER, respond
 from qbudget.worlds.specs import CATEGORIES, POOL_SHARES, get_spec
 

@@ -90,9 +90,8 @@ def build_into(spec: WorldSpec, out: Path, say: Callable[[str], None] = lambda m
     corpora = {}
     styles = house_styles(spec)
     for who, m in (("teacher", spec.teacher), ("student", spec.student)):
-        style = styles[who]
         tasks = corpus_tasks(spec.seed, who, m.train_prompts, m.corpus_weights)
-        corpora[who] = answer_corpus(tasks, style, spec.seed)
+        corpora[who] = answer_corpus(tasks, styles[who], spec.seed)
     texts = [t.text for t in pool_tasks] + [t.text for t in probe_tasks]
     texts += [s for pairs in corpora.values() for pair in pairs for s in pair]
     tok = train_tokenizer(texts, spec.vocab_size)

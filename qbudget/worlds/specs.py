@@ -109,7 +109,7 @@ _STUDENT_CORPUS = {"domain-technical": 0.15}
 
 
 def _tiny(name: str, arch: str, seed: int, description: str, *, student_steps: int = 560,
-          habit_prob: float = 0.75) -> WorldSpec:
+          habit_prob: float = WorldSpec.habit_prob) -> WorldSpec:
     # Sized for the <= 5 minute build on two CPU cores: about 0.29 s per teacher step and
     # 0.17 s per student step (batch 64 x 48 tokens) when each trains alone, ~4.5 minutes
     # in all with the two pretraining concurrently.
