@@ -12,7 +12,10 @@ Same Llama checkpoint (hidden 256, 4 layers, 8 heads, vocab 2048), same data, sa
 - MiniLM encode throughput from ``benchmarks/encoder_bench.py`` (if present).
 
 Every figure is the median of several timed repeats after a warm-up (compilation is not
-timed). Run: ``python benchmarks/perf_models.py [--quick]`` — prints one JSON object.
+timed). Both sides run in this one process, so both run under the allocator setting that
+``import qbudget`` applies (``qbudget.runtime.configure_allocator``; the JSON says
+whether it was applied; ``QBUDGET_MALLOC=system`` runs both without it).
+Run: ``python benchmarks/perf_models.py [--quick]`` — prints one JSON object.
 """
 
 from __future__ import annotations
@@ -227,6 +230,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     repeats, steps = (3, 3) if args.quick else (5, 5)
     threads = os.cpu_count() or 1
+    from qbudget.runtime import configure_allocator   # import qbudget applies it
+
     import torch
 
     torch.set_num_threads(threads)
@@ -234,7 +239,8 @@ def main(argv=None):
                          "intermediate": INTER, "train_batch": [TRAIN_B, TRAIN_T],
                          "lora_rank": RANK, "generate": {"batch": GEN_B, "prompt": GEN_P,
                                                          "new_tokens": GEN_N},
-                         "repeats": repeats, "cpu_threads": threads}}
+                         "repeats": repeats, "cpu_threads": threads,
+                         "qbudget_allocator": configure_allocator()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "llama"
         make_checkpoint(folder)
