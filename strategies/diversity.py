@@ -48,6 +48,17 @@ def _bucket(n: int) -> int:
     return _BLOCK * (1 << (blocks - 1).bit_length())
 
 
+def _argmax_first(u):
+    """Index of the first maximum of ``u`` (no NaNs), as ``jnp.argmax`` defines it.
+
+    Why not ``jnp.argmax``: XLA:CPU lowers it to a (value, index) pair reduction that
+    runs several times slower than a plain max followed by a min over indices, and the
+    lazy loop below takes one argmax over all N points per refresh.
+    """
+    top = jnp.max(u)
+    return jnp.min(jnp.where(u == top, jnp.arange(u.shape[0], dtype=jnp.int32), u.shape[0]))
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _greedy(x, center_idx, n0, excluded, k):
     n, d = x.shape
@@ -97,9 +108,9 @@ def _greedy(x, center_idx, n0, excluded, k):
 
             _, val = jax.lax.while_loop(lambda s: s[0] < n_centers, body, (start0, val0))
             u = u.at[j].set(val)
-            return u, exact_n.at[j].set(n_centers), jnp.argmax(u).astype(jnp.int32)
+            return u, exact_n.at[j].set(n_centers), _argmax_first(u)
 
-        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, jnp.argmax(u).astype(jnp.int32)))
+        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, _argmax_first(u)))
         cidx = cidx.at[n_centers].set(j)
         return (u.at[j].set(-1.0), exact_n, cidx, n_centers + 1, out.at[i].set(j))
 
