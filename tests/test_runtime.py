@@ -17,7 +17,7 @@ import pytest
 
 # A jitted call whose scratch is far above glibc's 32 MB mmap ceiling (x @ x.T is 64 MB).
 _PROBE = r"""
-import json, resource, sys
+import json, resource
 import qbudget
 from qbudget.runtime import configure_allocator
 import jax, jax.numpy as jnp
