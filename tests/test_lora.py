@@ -152,14 +152,18 @@ def test_peft_adapter_matches_torch(tmp_path, kind, targets):
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 12 and cfg["peft_type"] == "LORA"
 
-    ids = ids_batch()
-    ours = np.asarray(model(ids))
     torch_cls = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
     tm = peft.PeftModel.from_pretrained(torch_cls.from_pretrained(str(tmp_path / "base")),
                                         str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        ref = tm(torch.tensor(ids)).logits.numpy()
-    assert np.abs(ours - ref).max() <= 1e-4
+    # A projection applies its adapter as x @ (W + s A B) on many rows and as
+    # x W + s (x A) B on few (fewer rows than its width): 5 rows take the second form
+    # everywhere, 96 the first, 36 a mix. Each must match peft.
+    for shape in [(1, 5), (4, 24), (3, 12)]:
+        ids = np.random.default_rng(1).integers(3, 38, shape)
+        with torch.no_grad():
+            ref = tm(torch.tensor(ids)).logits.numpy()
+        assert np.abs(np.asarray(model(ids)) - ref).max() <= 1e-4, shape
+    ours = np.asarray(model(ids))
     plain = np.asarray(CausalLM.from_pretrained(tmp_path / "base")(ids))
     assert np.abs(ours - plain).max() > 1e-3      # the adapter matters
 

@@ -122,12 +122,24 @@ def make_optimizer(model, learning_rate: float, wrt=nnx.LoRAParam, weight_decay:
     return nnx.Optimizer(model, tx, wrt=wrt)
 
 
+def _shift_left(a):
+    """``a[:, 1:]`` padded back to full length with zeros (the last position has no target)."""
+    return jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
+
+
 def masked_ce(logits, input_ids, loss_mask):
-    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = input_ids[:, 1:]
-    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    m = loss_mask[:, 1:]
+    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1.
+
+    Computed at every position against the left-shifted ids, with the last position
+    masked out, rather than on ``logits[:, :-1]``: slicing the [B, T, V] logits costs a
+    copy forward and a zero pad backward. The target logit is picked with a one-hot
+    product, which fuses with the logsumexp and its gradient (softmax - one-hot).
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jax.nn.one_hot(_shift_left(input_ids), logits.shape[-1], dtype=logits.dtype)
+    nll = lse - jnp.sum(logits * tgt, axis=-1)
+    m = _shift_left(loss_mask)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
