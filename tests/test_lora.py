@@ -17,8 +17,7 @@ from qbudget.errors import QBudgetError  # noqa: E402
 from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
 from qbudget.models.lora import attach_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from qbudget.models.text import encode_prompt  # noqa: E402
-from qbudget.models.train import (PairBatcher, loss_fn, make_optimizer, masked_ce,  # noqa: E402
-                                  train_steps)
+from qbudget.models.train import PairBatcher, make_optimizer, train_steps  # noqa: E402
 
 PROMPTS = ["what is the cat", "why a big dog", "how the mat", "what is red", "is blue a big dog"]
 ANSWERS = ["the cat sat on a mat", "yes big dog ran fast", "no", "red and blue",
@@ -103,17 +102,6 @@ def test_lora_training_lowers_loss_and_keeps_base_bit_identical(tok, kind):
     merge_lora(model)
     assert not nnx.state(model, nnx.LoRAParam)
     assert np.abs(np.asarray(model(ids)) - with_lora).max() <= 1e-5
-
-
-@pytest.mark.parametrize("rows", [1, 3, 4])
-def test_sliced_loss_equals_one_pass_loss(tok, rows):
-    # loss_fn runs the batch as slices (for CPU parallelism); the loss must not change,
-    # whether the rows split evenly, unevenly or not at all.
-    model = CausalLM.from_config(config(vocab=tok.vocab_size), key=jax.random.key(2))
-    batch = PairBatcher(tok, PROMPTS[:rows], ANSWERS[:rows], batch_size=rows).batch(range(rows))
-    one_pass = masked_ce(model(batch["input_ids"], batch["attention_mask"]),
-                         batch["input_ids"], batch["loss_mask"])
-    assert abs(float(loss_fn(model, batch)) - float(one_pass)) <= 1e-5 * float(one_pass)
 
 
 def test_full_training_moves_all_params(tok):

@@ -135,41 +135,17 @@ def masked_ce(logits, input_ids, loss_mask):
     copy forward and a zero pad backward. The target logit is picked with a one-hot
     product, which fuses with the logsumexp and its gradient (softmax - one-hot).
     """
-    return _masked_nll_sum(logits, input_ids, loss_mask) / _target_count(loss_mask)
-
-
-def _masked_nll_sum(logits, input_ids, loss_mask):
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jax.nn.one_hot(_shift_left(input_ids), logits.shape[-1], dtype=logits.dtype)
-    return jnp.sum((lse - jnp.sum(logits * tgt, axis=-1)) * _shift_left(loss_mask))
-
-
-def _target_count(loss_mask):
-    return jnp.maximum(jnp.sum(_shift_left(loss_mask)), 1.0)
-
-
-#: The loss runs the batch as this many independent slices (rows split as evenly as
-#: possible). Why: XLA:CPU runs each elementwise kernel (norms, rotary, SwiGLU, softmax
-#: and their gradients) on one thread but runs independent kernels concurrently, so two
-#: halves of the batch give it two independent chains to overlap and both cores stay busy
-#: between matmuls. perf_models' LoRA step (optimiser update included), paired A/B in one
-#: process on 2 cores: -4 to -5% (4 slices: the same as 2). Same loss as one slice up to
-#: float32 summation order.
-LOSS_SLICES = 2
+    nll = lse - jnp.sum(logits * tgt, axis=-1)
+    m = _shift_left(loss_mask)
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def loss_fn(model, batch):
-    """Masked next-token cross-entropy of ``model`` on ``batch`` (see :func:`masked_ce`)."""
-    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    b = ids.shape[0]
-    cuts = [b * i // LOSS_SLICES for i in range(LOSS_SLICES + 1)]
-    total = 0.0
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        if hi > lo:
-            logits = model.forward(ids[lo:hi], attn[lo:hi])
-            total = total + _masked_nll_sum(logits, ids[lo:hi], mask[lo:hi])
-    return total / _target_count(mask)
+    logits = model.forward(batch["input_ids"], batch["attention_mask"])
+    return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
 
 
 @functools.partial(jax.jit, static_argnums=0)
