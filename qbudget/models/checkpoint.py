@@ -199,7 +199,7 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
     """HF-named float32/float16 numpy tensors of the model, LoRA folded in."""
     out: dict[str, np.ndarray] = {}
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    loras = {}
+    merged = {}   # adapted kernels, kernel + scale * A @ B
     for layer_i, layer in enumerate(model.model.layers):
         for block in (layer.self_attn, layer.mlp):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -207,8 +207,8 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
                 lin = getattr(block, name, None)
                 if lin is not None and lin.lora is not None:
                     sub = "self_attn" if block is layer.self_attn else "mlp"
-                    loras[("model", "layers", layer_i, sub, name, "kernel")] = (
-                        lin.lora_scale * (lin.lora.lora_a[...] @ lin.lora.lora_b[...]))
+                    merged[("model", "layers", layer_i, sub, name, "kernel")] = (
+                        lin.merged_kernel())
     for p, v in _flatten(state):
         if "lora" in p:
             continue
@@ -216,8 +216,7 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
         if hf is None:
             raise RuntimeError(f"no HF name for parameter {p}")
         key, transpose = hf
-        arr = v + loras[p].astype(v.dtype) if p in loras else v
-        arr = np.asarray(arr)
+        arr = np.asarray(merged.get(p, v))
         out[key] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 

@@ -256,13 +256,12 @@ def attention(q, k, v, mask, *, head_major: bool = False):
         s = jnp.where(mask[:, None], s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, h * d)
-    kv = "bksd"
     hkv = k.shape[1]
     q = q.reshape(b, t, hkv, h // hkv, d)
-    s = jnp.einsum(f"btkgd,{kv}->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
     s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bkgts,{kv}->btkgd", p, v).reshape(b, t, h * d)
+    return jnp.einsum("bkgts,bksd->btkgd", p, v).reshape(b, t, h * d)
 
 
 class Attention(nnx.Module):

@@ -91,8 +91,7 @@ def attach_lora(model: CausalLM, rank: int = 8, alpha: float = 16,
 def merge_lora(model: CausalLM) -> CausalLM:
     """Fold ``scale * A B`` into each base kernel and remove the adapters; returns ``model``."""
     for _, _, lin in list(lora_linears(model)):
-        delta = lin.lora_scale * (lin.lora.lora_a[...] @ lin.lora.lora_b[...])
-        lin.kernel[...] = lin.kernel[...] + delta.astype(lin.kernel[...].dtype)
+        lin.kernel[...] = lin.merged_kernel()
         lin.lora = nnx.data(None)
         lin.lora_scale = 0.0
     model.lora_info = None
