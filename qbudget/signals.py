@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbudget.errors import QBudgetError
+from qbudget.reductions import first_argmax
 from qbudget.strategy import SelectionContext, numpy_rng
 
 #: Signal name -> accepted parameters with defaults (documented in each function).
@@ -350,9 +351,9 @@ def _step_stats(logits):
     pbar = p.mean(0)
     h_mean = -(pbar * jnp.log(jnp.maximum(pbar, 1e-30))).sum(-1)
     h_each = -(p * logp).sum(-1).mean(0)
-    votes = jax.nn.one_hot(jnp.argmax(logp, -1), logp.shape[-1]).mean(0)
+    votes = jax.nn.one_hot(first_argmax(logp), logp.shape[-1]).mean(0)
     vote_h = -(votes * jnp.log(jnp.maximum(votes, 1e-30))).sum(-1)
-    return h_mean, h_each, vote_h, jnp.argmax(pbar, -1).astype(jnp.int32)
+    return h_mean, h_each, vote_h, first_argmax(pbar)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbudget.reductions import first_argmax
 from qbudget.strategy import SelectionContext, Strategy
 
 _BLOCK = 128    # centres per block in the initial matmul pass (memory N x _BLOCK)
@@ -46,17 +47,6 @@ def _bucket(n: int) -> int:
     """Pad the labeled count to a power-of-two number of blocks: few compiled shapes."""
     blocks = max(1, math.ceil(n / _BLOCK))
     return _BLOCK * (1 << (blocks - 1).bit_length())
-
-
-def _argmax_first(u):
-    """Index of the first maximum of ``u`` (no NaNs), as ``jnp.argmax`` defines it.
-
-    Why not ``jnp.argmax``: XLA:CPU lowers it to a (value, index) pair reduction that
-    runs several times slower than a plain max followed by a min over indices, and the
-    lazy loop below takes one argmax over all N points per refresh.
-    """
-    top = jnp.max(u)
-    return jnp.min(jnp.where(u == top, jnp.arange(u.shape[0], dtype=jnp.int32), u.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -108,9 +98,9 @@ def _greedy(x, center_idx, n0, excluded, k):
 
             _, val = jax.lax.while_loop(lambda s: s[0] < n_centers, body, (start0, val0))
             u = u.at[j].set(val)
-            return u, exact_n.at[j].set(n_centers), _argmax_first(u)
+            return u, exact_n.at[j].set(n_centers), first_argmax(u, nan_free=True)
 
-        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, _argmax_first(u)))
+        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, first_argmax(u, nan_free=True)))
         cidx = cidx.at[n_centers].set(j)
         return (u.at[j].set(-1.0), exact_n, cidx, n_centers + 1, out.at[i].set(j))
 

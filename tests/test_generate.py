@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from qbudget.errors import QBudgetError  # noqa: E402
 from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
 from qbudget.models.generate import generate, generate_text, nucleus_mask  # noqa: E402
+from qbudget.reductions import first_argmax  # noqa: E402
 from qbudget.models.text import encode_prompt  # noqa: E402
 
 VOCAB = 38
@@ -106,6 +107,25 @@ def test_nucleus_mask_equals_sort_and_scatter_including_ties():
             got, want = np.asarray(ours(x, top_p)), np.asarray(ref(x, top_p))
             assert (got == want).all(), (trial, top_p)
             assert got.any(axis=1).all()             # the top token is always kept
+
+
+def test_first_argmax_equals_argmax_with_ties_nan_and_inf():
+    rng = np.random.default_rng(1)
+    ours, ref = jax.jit(first_argmax), jax.jit(lambda x: jax.numpy.argmax(x, axis=-1))
+    for trial in range(40):
+        vocab = int(rng.choice([1, 7, 2048]))
+        x = rng.standard_normal((12, vocab)).astype(np.float32)
+        if trial % 2:
+            x = np.round(x).astype(np.float32)        # exact ties for the maximum
+        x[0] = -np.inf                                # all -inf: index 0
+        x[1, rng.integers(vocab)] = np.inf
+        x[2, rng.integers(vocab, size=2)] = np.nan    # first NaN wins, as in argmax
+        x[3, -1] = np.inf
+        got, want = np.asarray(ours(x)), np.asarray(ref(x))
+        assert got.dtype == np.int32 and (got == want).all(), trial
+        finite = x[4:]                                # rows without NaN: the fast path agrees
+        got = np.asarray(jax.jit(lambda a: first_argmax(a, nan_free=True))(finite))
+        assert (got == np.asarray(ref(finite))).all(), trial
 
 
 def test_generate_text_uses_encode_prompt(tiny_tokenizer_dir):

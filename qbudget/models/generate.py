@@ -24,6 +24,7 @@ from flax import nnx
 
 from qbudget.errors import QBudgetError
 from qbudget.models.text import encode_prompt
+from qbudget.reductions import first_argmax
 
 #: Prompt-length buckets (tokens); longer prompts round up to a multiple of 128.
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -83,7 +84,7 @@ def _sample(logits, keys, step, temperature, top_p, *, greedy: bool, nucleus: bo
     ``top_p`` are traced, so changing their values does not recompile.
     """
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)   # jnp.argmax's ids, vectorised (qbudget.reductions)
     logits = logits / temperature
     if nucleus:
         logits = jnp.where(nucleus_mask(logits, top_p), logits, -jnp.inf)
