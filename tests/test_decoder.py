@@ -99,6 +99,32 @@ def test_rope_theta_and_tied_head_follow_config(saved):
     assert has_head == (not model.config.tie_word_embeddings)
 
 
+def test_rope_gradient_matches_autodiff_of_rotate_half():
+    """apply_rope's hand-written backward is the transpose of HF's rotate_half rotation."""
+    import jax.numpy as jnp
+
+    from qbudget.models.decoder import apply_rope, rope_tables
+
+    def rotate_half_rope(x, cos, sin):
+        half = x.shape[-1] // 2
+        rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos[:, :, None] + rot * sin[:, :, None]
+
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(keys[0], (3, 7, 4, 16))
+    g = jax.random.normal(keys[1], (3, 7, 4, 16))
+    positions = jax.random.randint(keys[2], (3, 7), 0, 300)
+    cos, sin = rope_tables(positions, 16, 10000.0)
+    y, vjp = jax.vjp(apply_rope, x, cos, sin)
+    y_ref, vjp_ref = jax.vjp(rotate_half_rope, x, cos, sin)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-6)
+    dx, dcos, dsin = vjp(g)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(vjp_ref(g)[0]), atol=1e-6)
+    assert not np.asarray(dcos).any() and not np.asarray(dsin).any()   # positions: constants
+    dx_jit = jax.jit(jax.grad(lambda x: jnp.sum(apply_rope(x, cos, sin) * g)))(x)
+    np.testing.assert_allclose(np.asarray(dx_jit), np.asarray(dx), atol=1e-6)
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     model = randomized(tiny_config("llama", False), seed=7)
     model.save_pretrained(tmp_path / "single")
