@@ -100,7 +100,8 @@ def _greedy(x, center_idx, n0, excluded, k):
             u = u.at[j].set(val)
             return u, exact_n.at[j].set(n_centers), first_argmax(u, nan_free=True)
 
-        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, first_argmax(u, nan_free=True)))
+        first = first_argmax(u, nan_free=True)
+        u, exact_n, j = jax.lax.while_loop(cond, step, (u, exact_n, first))
         cidx = cidx.at[n_centers].set(j)
         return (u.at[j].set(-1.0), exact_n, cidx, n_centers + 1, out.at[i].set(j))
 

@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from qbudget.errors import QBudgetError  # noqa: E402
 from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
 from qbudget.models.generate import generate, generate_text, nucleus_mask  # noqa: E402
-from qbudget.reductions import first_argmax  # noqa: E402
 from qbudget.models.text import encode_prompt  # noqa: E402
+from qbudget.reductions import first_argmax  # noqa: E402
 
 VOCAB = 38
 
