@@ -1,7 +1,7 @@
 """qbudget: spend a fixed teacher-query budget on the right prompts and measure how
 behaviourally indistinguishable the distilled student becomes.
 
-See DESIGN.md (vocabulary, data flow, contracts) and README.md (quick start).
+See docs/design.md (vocabulary, data flow, contracts) and README.md (quick start).
 """
 
 __version__ = "0.1.0"

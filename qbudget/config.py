@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qbudget.adversaries.configs import EmbedConfig, FinetuneConfig, NgramConfig, PairwiseConfig
 from qbudget.errors import QBudgetError
+
+ADVERSARY_NAMES = ("ngram", "embed", "pairwise", "finetune")
 
 
 @dataclass(frozen=True)
@@ -36,26 +39,53 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """LoRA distillation of the student: warm-started, fixed steps per round."""
+    """LoRA distillation of the student: warm-started, fixed steps per round.
+
+    The defaults are what ``make bench`` validated on the embedded worlds (see
+    docs/worlds.md): adapters on all seven projections, 48 steps per round at 3e-4. At
+    3e-3 distillation removed the base student's habit but also damaged the answers it
+    was meant to copy; adapters on q/k/v/o alone left the similarity flat.
+    """
 
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    learning_rate: float = 3e-3
-    steps_per_round: int = 30
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj")
+    learning_rate: float = 3e-4
+    steps_per_round: int = 48
     batch_size: int = 16
     max_len: int = 96
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """What every checkpoint measures (see qbudget.evaluate.EvalConfig for the adversaries)."""
+class EvalConfig:
+    """What every checkpoint measures; the ``[eval]`` table of a run TOML sets all of it.
+
+    One contract for the loop, ``qbudget eval`` and the benchmarks: the probe subset, the
+    adversaries with their bounds (``[eval.ngram] q = 400`` caps that adversary at 400
+    adversary-train prompts, ``t`` at that many optimiser steps), the confidence level,
+    and whether to pay for the teacher-vs-teacher similarity ceiling.
+    """
 
     #: evaluate on a stratified subset of the probe of this size (0 = the whole probe)
     probe_subset: int = 0
     adversaries: tuple[str, ...] = ("ngram", "embed", "pairwise")
     #: teacher-vs-teacher similarity ceiling (costs a second teacher sample of the probe)
     ceiling: bool = True
+    #: 1 - confidence level of every interval (max: Bonferroni over the adversaries)
+    alpha: float = 0.05
+    similarity: bool = True
+    encode_batch_size: int = 64
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def adversary_config(self, name: str):
+        """The bounds and settings of adversary ``name`` (QBudgetError if unknown)."""
+        if name not in ADVERSARY_NAMES:
+            raise QBudgetError(f"unknown adversary '{name}' (known: {', '.join(ADVERSARY_NAMES)})")
+        return getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -70,7 +100,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
     def schedule(self, pool_size: int) -> list[int]:
@@ -195,9 +225,19 @@ def _check(obj: Any, prefix: str) -> None:
             v = getattr(obj, name)
             _require(v >= 1, prefix + name, "an integer >= 1", v)
         _require(obj.learning_rate > 0, prefix + "learning_rate", "a number > 0", obj.learning_rate)
-    elif isinstance(obj, EvalSettings):
+    elif isinstance(obj, EvalConfig):
         _require(obj.probe_subset >= 0, prefix + "probe_subset", "an integer >= 0", obj.probe_subset)
         _require(len(obj.adversaries) > 0, prefix + "adversaries", "a non-empty list", obj.adversaries)
+        for name in obj.adversaries:
+            _require(name in ADVERSARY_NAMES, prefix + "adversaries",
+                     f"adversary names ({', '.join(ADVERSARY_NAMES)})", name)
+        _require(0 < obj.alpha < 1, prefix + "alpha", "a number in (0, 1)", obj.alpha)
+        _require(obj.encode_batch_size >= 1, prefix + "encode_batch_size", "an integer >= 1",
+                 obj.encode_batch_size)
+    elif isinstance(obj, (NgramConfig, EmbedConfig, PairwiseConfig, FinetuneConfig)):
+        _require(obj.q is None or (isinstance(obj.q, int) and not isinstance(obj.q, bool) and obj.q >= 1),
+                 prefix + "q", "an integer >= 1 (adversary-train prompts)", obj.q)
+        _require(obj.t >= 1, prefix + "t", "an integer >= 1 (optimiser steps)", obj.t)
     elif isinstance(obj, RunConfig):
         _require(obj.seed >= 0, prefix + "seed", "an integer >= 0", obj.seed)
         _require(bool(obj.world), prefix + "world", "a world name", obj.world)

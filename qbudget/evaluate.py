@@ -1,10 +1,15 @@
 """Evaluate a student against its teacher on the probe: similarity and advantage rows.
 
-This is the one entry point the loop, ``qbudget eval`` and the benchmarks call. Given the
-probe prompts, the adversary-train mask and the answers, it returns result rows in the
-DESIGN.md schema (metric, adversary, category, value, ci_low, ci_high, n):
+:func:`evaluate_student` is the one evaluation path: the run loop calls it at every
+checkpoint, ``qbudget eval --world`` for a base or adapted student, the calibration
+script through the loop. It samples the student's probe answers (seeded per prompt and
+checkpoint) and hands them to :func:`evaluate_answers`, which ``qbudget eval`` also calls
+directly for answers read from files. What is measured is set by one
+:class:`qbudget.config.EvalConfig` (a run TOML's ``[eval]`` table). Given the probe
+prompts, the adversary-train mask and the answers, the rows follow the results schema
+(metric, adversary, category, value, ci_low, ci_high, n):
 
-- ``similarity`` / ``similarity_ceiling``: mean cosine (95% t-interval) of MiniLM
+- ``similarity`` / ``similarity_ceiling``: mean cosine (t-interval) of MiniLM
   embeddings, teacher vs student / teacher vs a second teacher sample;
 - per adversary and category: ``advantage`` (2·acc − 1, Clopper–Pearson interval) and
   ``p_value`` (one-sided C2ST binomial test), plus the bounds it ran under
@@ -21,42 +26,22 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 
-from qbudget.adversaries import DEFAULT_ADVERSARIES, AdversaryData, get_adversary
+from qbudget.adversaries import AdversaryData, get_adversary
 from qbudget.adversaries.base import check_sample_bound
-from qbudget.adversaries.embed import EmbedConfig
-from qbudget.adversaries.finetune import FinetuneConfig
-from qbudget.adversaries.ngram import NgramConfig
-from qbudget.adversaries.pairwise import PairwiseConfig
+from qbudget.config import EvalConfig
 from qbudget.errors import QBudgetError
 from qbudget.pool import Prompt, category_index
+from qbudget.seeding import key_for, stable_seed
 from qbudget.similarity import pair_cosines, similarity_rows
 from qbudget.stats import advantage_interval, bonferroni_alpha, bonferroni_p, c2st_p_value
 
 NAN = float("nan")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Which adversaries to run (with their q and t bounds) and the confidence level."""
-
-    adversaries: tuple[str, ...] = DEFAULT_ADVERSARIES
-    alpha: float = 0.05
-    similarity: bool = True
-    encode_batch_size: int = 64
-    ngram: NgramConfig = field(default_factory=NgramConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-    def adversary_config(self, name: str):
-        get_adversary(name)  # validates the name
-        return getattr(self, name)
 
 
 def _row(metric, adversary, category, value, lo=NAN, hi=NAN, n=0) -> dict:
@@ -175,6 +160,51 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
         rows.append(_row("p_value", "max", cat, bonferroni_p(min(e[3] for e in entries), m),
                          n=best[4]))
     return rows
+
+
+def teacher_answers(ledger, oracle, probe: Sequence[Prompt], *, ceiling: bool):
+    """The teacher's answers to the probe (and a second sample for the ceiling, or None).
+
+    Bought through ``ledger`` on its evaluation account: cached, committed as they arrive,
+    counted in ``eval_paid`` and never in q.
+    """
+    first = ledger.evaluation_answers(oracle, probe, sample=0)
+    second = ledger.evaluation_answers(oracle, probe, sample=1) if ceiling else None
+    return first, second
+
+
+def probe_seeds(seed: int, checkpoint: int, probe: Sequence[Prompt]) -> list[int]:
+    """Per-prompt sampling seeds of the student's probe answers at one checkpoint."""
+    return [stable_seed(seed, "student-probe", checkpoint, p.id) for p in probe]
+
+
+def student_answers(student, tokenizer, prompts: Sequence[str], sampling: Mapping,
+                    seeds: Sequence[int]) -> list[str]:
+    """The student's answers with the world's sampling settings (shared with the teacher)."""
+    from qbudget.models.generate import generate_text
+
+    return generate_text(student, tokenizer, list(prompts),
+                         max_new_tokens=int(sampling["max_new_tokens"]),
+                         temperature=float(sampling["temperature"]),
+                         top_p=float(sampling.get("top_p", 1.0)), seeds=list(seeds))
+
+
+def evaluate_student(student, tokenizer, probe: Sequence[Prompt], is_train: np.ndarray,
+                     teacher: Sequence[str], teacher2: Sequence[str] | None, *,
+                     sampling: Mapping, seed: int, checkpoint: int, encoder,
+                     config: EvalConfig) -> list[dict]:
+    """Evaluate one student at one checkpoint: its probe answers, then the result rows.
+
+    The one evaluation path: the run loop calls it at every checkpoint (``checkpoint`` =
+    q), ``qbudget eval --world`` with checkpoint 0, the calibration script through the
+    loop. Every random choice derives from ``(seed, checkpoint)``, so the base student
+    evaluated by ``qbudget eval --world W --seed S`` gives exactly the q = 0 rows of a run
+    of W with seed S and the same ``[eval]`` settings.
+    """
+    answers = student_answers(student, tokenizer, [p.text for p in probe], sampling,
+                              probe_seeds(seed, checkpoint, probe))
+    return evaluate_answers(probe, is_train, teacher, answers, teacher2, encoder=encoder,
+                            config=config, key=key_for(seed, "evaluate", checkpoint))
 
 
 @dataclass(frozen=True)

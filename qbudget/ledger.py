@@ -113,7 +113,26 @@ class _Db:
         self._local = threading.local()
 
 
-class ResponseCache:
+class _Store:
+    """Owns one :class:`_Db` (schema ``SCHEMA``); closed by :meth:`close` or ``with``."""
+
+    SCHEMA: str   # the CREATE statements, set by each subclass
+
+    def __init__(self, path: str | Path):
+        self._db = _Db(path, self.SCHEMA)
+        self.path = self._db.path
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ResponseCache(_Store):
     """Answers shared across runs and processes, keyed (fingerprint, sha256(text), sample)."""
 
     SCHEMA = """
@@ -122,10 +141,6 @@ class ResponseCache:
         response TEXT NOT NULL, PRIMARY KEY (fingerprint, prompt_sha, sample)
     ) WITHOUT ROWID
     """
-
-    def __init__(self, path: str | Path):
-        self._db = _Db(path, self.SCHEMA)
-        self.path = self._db.path
 
     def get_many(self, fingerprint: str, texts: Sequence[str], sample: int = 0) -> dict[int, str]:
         """Cached answers for ``texts``: {position: response} for the hits only."""
@@ -153,15 +168,6 @@ class ResponseCache:
     def __len__(self) -> int:
         return self._db.conn().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -177,7 +183,7 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-class Ledger:
+class Ledger(_Store):
     """One run's budget and purchases (see the module docstring for the guarantees)."""
 
     SCHEMA = """
@@ -202,8 +208,7 @@ class Ledger:
     def __init__(self, path: str | Path, budget: int, cache: ResponseCache | None = None):
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise QBudgetError(f"budget must be a non-negative integer, got {budget!r}")
-        self._db = _Db(path, self.SCHEMA)
-        self.path = self._db.path
+        super().__init__(path)
         self._budget = budget
         self.cache = cache
         with self._db.tx() as con:
@@ -391,12 +396,3 @@ class Ledger:
         if todo:
             have.update(self._store_get(fp, [sha for sha, _ in todo], sample))
         return [have[sha] for sha in shas]
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -30,13 +30,8 @@ from qbudget.errors import QBudgetError
 RESULTS_FILE = "results.parquet"
 CELLS_DIR = "cells"
 
-#: Column order of every results file (DESIGN.md), then the two integer extras.
-RESULT_COLUMNS: tuple[str, ...] = (
-    "run_id", "world", "strategy", "seed", "q", "metric", "adversary", "category",
-    "value", "ci_low", "ci_high", "n", "paid",
-)
-
-#: The explicit Arrow schema. ``ci_low``/``ci_high`` may be null (a metric without an
+#: The explicit Arrow schema, in the column order of every results file (docs/design.md), then
+#: the two integer extras. ``ci_low``/``ci_high`` may be null (a metric without an
 #: interval); ``n`` (sample count behind the value) and ``paid`` (real oracle calls so far)
 #: may be null when the producer does not know them.
 SCHEMA = pa.schema([
@@ -54,6 +49,8 @@ SCHEMA = pa.schema([
     pa.field("n", pa.int64(), nullable=True),
     pa.field("paid", pa.int64(), nullable=True),
 ])
+#: Column order of every results file.
+RESULT_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
 _STRING = ("run_id", "world", "strategy", "metric", "adversary", "category")
 _INT_REQUIRED = ("seed", "q")

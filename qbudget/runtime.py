@@ -53,6 +53,13 @@ def configure_allocator() -> bool:
     return ok
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def qbudget_home() -> Path:
     """``$QBUDGET_HOME`` if set, else the user cache dir (built worlds, caches)."""
     env = os.environ.get("QBUDGET_HOME")

@@ -24,26 +24,27 @@ A complete plugin (package ``shortest``, installed with ``pip install -e .``)::
 
     # shortest/__init__.py
     import numpy as np
-    from qbudget.strategy import Strategy, top_scored
+    from qbudget.strategy import Strategy, stateless, top_scored
 
     def make(longest: bool = False) -> Strategy:
         # the factory's keyword parameters are the strategy's parameters
-        def init(ctx):
-            return None
-
-        def select(state, signals, ctx, k, key):
+        def select(signals, ctx, k, key):
             free = ctx.unbought()
             length = np.array([len(ctx.pool[i].text) for i in free], float)
-            return top_scored(free, length if longest else -length, ctx, k, key), state
+            return top_scored(free, length if longest else -length, ctx, k, key)
 
-        return Strategy("shortest", "Shortest (or longest) unbought prompts first.",
-                        (), {"longest": longest}, init, select)
+        return stateless("shortest", "Shortest (or longest) unbought prompts first.",
+                         (), {"longest": longest}, select)
 
     # pyproject.toml
     [project.entry-points."qbudget.strategies"]
     shortest = "shortest:make"
 
 after which ``qbudget strategies`` lists it and ``qbudget run --strategy shortest`` uses it.
+:func:`stateless` covers a strategy whose picks depend only on this round's inputs; one
+that learns across rounds (like the built-in ``bandit``) builds the ``Strategy`` itself,
+``Strategy(name, description, signals, params, init, select)``, with
+``select(state, signals, ctx, k, key) -> (picks, new_state)``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from qbudget.errors import QBudgetError
+from qbudget.seeding import numpy_rng  # re-exported: plugins derive their Generators with it
 
 ENTRY_POINT_GROUP = "qbudget.strategies"
 
@@ -82,6 +84,16 @@ class SelectionContext:
     - ``cache_dir``: where signals may cache per-world artefacts (embeddings).
     - ``round`` (0-based selection round), ``q`` (queries bought so far), ``budget``
       (total training queries), ``seed`` (run seed).
+    - ``round_q``: q at the start of each round so far (``round_q[r]`` = queries bought
+      before round r's purchase; ``len = round + 1``, ``round_q[round] == q``), so round
+      r's batch is ``bought_indices[round_q[r]:round_q[r + 1]]``. Empty when unknown.
+    - ``adapter_history``: host copies of the student's LoRA leaves
+      (:func:`qbudget.signals.lora_snapshot`) taken at the selection of recent rounds,
+      keyed by round, this one included; only as deep as the declared signals need
+      (:func:`qbudget.signals.adapter_history_depth`, kept by
+      :func:`qbudget.signals.record_adapters`). Empty when unknown or not needed.
+      Why in the context: signals that compare the student with its earlier selves
+      (``heldout_gain``) stay functions of the context, and strategies stay pure.
     """
 
     pool: Sequence[Any]
@@ -100,6 +112,8 @@ class SelectionContext:
     q: int = 0
     budget: int = 0
     seed: int = 0
+    round_q: tuple[int, ...] = ()
+    adapter_history: Mapping[int, list[np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, pool: Sequence[Any], bought_indices: Sequence[int] = (),
@@ -142,6 +156,24 @@ class Strategy(NamedTuple):
     params: Mapping[str, Any]
     init: Callable[[SelectionContext], Any]
     select: Callable[..., tuple[np.ndarray, Any]]
+
+
+def stateless(name: str, description: str, signals: Sequence[str], params: Mapping[str, Any],
+              select_fn: Callable[..., np.ndarray]) -> Strategy:
+    """A :class:`Strategy` without state, from ``select_fn(signals, ctx, k, key) -> picks``.
+
+    Its ``init`` returns None and its ``select`` passes the state through, so most
+    strategies are one function (cf. optax's ``stateless``): the loop's contract stays
+    ``(picks, state)`` for the few that learn across rounds.
+    """
+
+    def init(ctx: SelectionContext):
+        return None
+
+    def select(state, signals, ctx: SelectionContext, k: int, key):
+        return select_fn(signals, ctx, k, key), state
+
+    return Strategy(name, description, tuple(signals), params, init, select)
 
 
 class StrategyInfo(NamedTuple):
@@ -289,20 +321,6 @@ def validate_picks(picks, ctx: SelectionContext, k: int, *, strategy: str = "?")
 
 # ------------------------------------------------------- helpers for strategies
 
-def numpy_rng(key) -> np.random.Generator:
-    """A numpy Generator derived deterministically from a jax key."""
-    import jax
-
-    data = np.asarray(jax.random.key_data(key) if _is_typed_key(key) else key).ravel()
-    return np.random.default_rng([int(x) for x in data.astype(np.uint32)])
-
-
-def _is_typed_key(key) -> bool:
-    import jax
-
-    return hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-
-
 def random_unbought(ctx: SelectionContext, k: int, key, exclude: np.ndarray | None = None) -> np.ndarray:
     """``min(k, available)`` distinct unbought indices (minus ``exclude``), uniformly at random."""
     avail = ~np.asarray(ctx.bought_mask, dtype=bool)
@@ -337,3 +355,21 @@ def top_scored(indices: np.ndarray, scores: np.ndarray, ctx: SelectionContext, k
         extra = random_unbought(ctx, want - chosen.size, jax.random.fold_in(key, 1), exclude=chosen)
         chosen = np.concatenate([chosen, extra])
     return chosen.astype(np.int64)
+
+
+def top_or_random(signal: str, measure: str, secondary: str | None = None) -> Callable[..., np.ndarray]:
+    """``select_fn`` for :func:`stateless`: top-k of a model-based signal, else uniform random.
+
+    Picks the highest ``values[measure]`` of the ``CandidateScores`` signal ``signal``
+    (ties by ``values[secondary]``, then lower index; see :func:`top_scored`); while the
+    signal is None (no student yet, too little bought data) the picks are uniformly random.
+    """
+
+    def select_fn(signals, ctx: SelectionContext, k: int, key) -> np.ndarray:
+        scores = signals.get(signal)
+        if scores is None:
+            return random_unbought(ctx, k, key)
+        tie = None if secondary is None else scores.values[secondary]
+        return top_scored(scores.indices, scores.values[measure], ctx, k, key, secondary=tie)
+
+    return select_fn

@@ -34,9 +34,13 @@ from qbudget.manifest import base_manifest, write_json_atomic
 CELLS_DIR = "cells"
 
 
+def world_label(world: str) -> str:
+    """A world as it may appear in a file name: the name, or a real world TOML's stem."""
+    return Path(world).stem if world.endswith(".toml") else world
+
+
 def cell_name(cfg: RunConfig) -> str:
-    world = Path(cfg.world).stem if cfg.world.endswith(".toml") else cfg.world
-    return f"{world}__{cfg.strategy.name}__seed{cfg.seed}"
+    return f"{world_label(cfg.world)}__{cfg.strategy.name}__seed{cfg.seed}"
 
 
 def cell_done(cell_dir: Path) -> bool:
@@ -125,21 +129,19 @@ def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
     """Build the world, embed its pool and buy the probe's teacher answers once, so cells
     running in parallel share them instead of each paying for them."""
     from qbudget.config import RunConfig, from_dict
+    from qbudget.evaluate import teacher_answers
     from qbudget.ledger import Ledger, ResponseCache
-    from qbudget.loop import stratified_subset
-    from qbudget.loop import make_oracle
+    from qbudget.oracles import oracle_for
+    from qbudget.pool import stratified_subset
     from qbudget.realworld import resolve_world
 
     cfg = from_dict(RunConfig, cfg_dict)
     w = resolve_world(cfg.world)
-    subset = stratified_subset(w.probe, w.probe_is_train, cfg.eval.probe_subset, w.seed)
-    probe = [w.probe[i] for i in subset]
-    oracle = make_oracle(w)
-    cache = ResponseCache(cache_path)
-    ledger = Ledger(Path(cache_path).with_name(f"prewarm-{cfg.world}.sqlite"), budget=0, cache=cache)
-    ledger.evaluation_answers(oracle, probe, sample=0)
-    if cfg.eval.ceiling:
-        ledger.evaluation_answers(oracle, probe, sample=1)
+    probe = [w.probe[i] for i in stratified_subset(w.probe, w.probe_is_train,
+                                                   cfg.eval.probe_subset, w.seed)]
+    prewarm = Path(cache_path).with_name(f"prewarm-{world_label(cfg.world)}.sqlite")
+    ledger = Ledger(prewarm, budget=0, cache=ResponseCache(cache_path))
+    teacher_answers(ledger, oracle_for(w), probe, ceiling=cfg.eval.ceiling)
     return {"world": cfg.world, "probe": len(probe)}
 
 
@@ -230,16 +232,18 @@ def run_sweep(cfg: BenchConfig, out: Path, *, executor: str = "local",
 
 
 def _workers(cfg: BenchConfig, n_cells: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cfg.workers or cores, n_cells))
+    from qbudget.runtime import available_cores
+
+    return max(1, min(cfg.workers or available_cores(), n_cells))
 
 
 def _run_local(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: str, emit) -> None:
     import multiprocessing as mp
 
+    from qbudget.runtime import available_cores
+
     workers = _workers(cfg, len(todo))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
+    threads = max(1, available_cores() // workers)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,

@@ -12,22 +12,13 @@ picks are uniform random. Only bought data is used (never the probe).
 from __future__ import annotations
 
 from qbudget.signals import spec
-from qbudget.strategy import SelectionContext, Strategy, random_unbought, top_scored
+from qbudget.strategy import Strategy, stateless, top_or_random
 
 
 def make(candidates: int = 256, train_max: int = 256, min_train: int = 8) -> Strategy:
     """Prompts whose student answers a discriminator (bought answers vs student) flags most."""
     if min(int(candidates), int(train_max)) < 1 or int(min_train) < 2:
         raise ValueError("candidates, train_max must be >= 1 and min_train >= 2")
-
-    def init(ctx: SelectionContext):
-        return None
-
-    def select(state, signals, ctx: SelectionContext, k: int, key):
-        sig = signals.get("adversary_scores")
-        if sig is None:
-            return random_unbought(ctx, k, key), state
-        return top_scored(sig.indices, sig.values["teacher_unlike"], ctx, k, key), state
-
     params = {"candidates": int(candidates), "train_max": int(train_max), "min_train": int(min_train)}
-    return Strategy("adversary", make.__doc__, (spec("adversary_scores", **params),), params, init, select)
+    return stateless("adversary", make.__doc__, (spec("adversary_scores", **params),), params,
+                     top_or_random("adversary_scores", "teacher_unlike"))

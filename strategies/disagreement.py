@@ -20,7 +20,7 @@ the student's adapters, so a few steps already separate them), scoring M·candid
 just a random subset: 256 leaves a choice of 128 out of 256 at the bench's round size.
 Measured in `make bench` (manifest timings, 8 selection rounds to q = 1,024): with 256
 candidates, 4 tokens and 8 steps the selection rounds took 1.6× the distillation that
-followed them; see the README's benchmark section for the current defaults' ratio, and
+followed them; see docs/performance.md (perf_kcenter) for the current defaults' ratio, and
 lower ``candidates``/``steps`` if selection must be cheaper. Before anything is bought
 (no data for a committee) picks are uniform random.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from qbudget.errors import QBudgetError
 from qbudget.signals import spec
-from qbudget.strategy import SelectionContext, Strategy, random_unbought, top_scored
+from qbudget.strategy import Strategy, stateless, top_or_random
 
 MEASURES = ("js", "vote_entropy")
 
@@ -51,15 +51,7 @@ def make(members: int = 4, candidates: int = 256, tokens: int = 2, steps: int = 
     sig = committee_spec(members, candidates, tokens, steps, learning_rate)
     params = {"members": int(members), "candidates": int(candidates), "tokens": int(tokens),
               "steps": int(steps), "learning_rate": float(learning_rate), "measure": measure}
-
-    def init(ctx: SelectionContext):
-        return None
-
-    def select(state, signals, ctx: SelectionContext, k: int, key):
-        d = signals.get("disagreement")
-        if d is None:
-            return random_unbought(ctx, k, key), state
-        secondary = d.values["js"] if measure == "vote_entropy" else None
-        return top_scored(d.indices, d.values[measure], ctx, k, key, secondary=secondary), state
-
-    return Strategy("disagreement", make.__doc__, (sig,), params, init, select)
+    # vote entropy takes few distinct values among M members: ties go to the larger js
+    secondary = "js" if measure == "vote_entropy" else None
+    return stateless("disagreement", make.__doc__, (sig,), params,
+                     top_or_random("disagreement", measure, secondary))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qbudget.reductions import first_argmax
-from qbudget.strategy import SelectionContext, Strategy
+from qbudget.strategy import SelectionContext, Strategy, stateless
 
 _BLOCK = 128    # centres per block in the initial matmul pass (memory N x _BLOCK)
 _WINDOW = 64    # centres per step of an exact refresh
@@ -146,11 +146,7 @@ def k_center_greedy(embeddings, labeled_mask, k: int, *, key) -> np.ndarray:
 def make() -> Strategy:
     """Greedy k-center (farthest-first) on MiniLM prompt embeddings; bought prompts are the initial centres."""
 
-    def init(ctx: SelectionContext):
-        return None
+    def select(signals, ctx: SelectionContext, k: int, key):
+        return k_center_greedy(signals["embeddings"], ctx.bought_mask, k, key=key)
 
-    def select(state, signals, ctx: SelectionContext, k: int, key):
-        emb = signals["embeddings"]
-        return k_center_greedy(emb, ctx.bought_mask, k, key=key), state
-
-    return Strategy("diversity", make.__doc__, ("embeddings",), {}, init, select)
+    return stateless("diversity", make.__doc__, ("embeddings",), {}, select)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qbudget.strategy import SelectionContext, Strategy, top_scored
+from qbudget.strategy import SelectionContext, Strategy, stateless, top_scored
 from strategies.disagreement import committee_spec
 from strategies.diversity import k_center_greedy
 
@@ -25,14 +25,11 @@ def make(top_factor: int = 4, members: int = 4, candidates: int = 256, tokens: i
     params = {"top_factor": int(top_factor), "members": int(members), "candidates": int(candidates),
               "tokens": int(tokens), "steps": int(steps), "learning_rate": float(learning_rate)}
 
-    def init(ctx: SelectionContext):
-        return None
-
-    def select(state, signals, ctx: SelectionContext, k: int, key):
+    def select(signals, ctx: SelectionContext, k: int, key):
         emb = signals["embeddings"]
         d = signals.get("disagreement")
         if d is None:
-            return k_center_greedy(emb, ctx.bought_mask, k, key=key), state
+            return k_center_greedy(emb, ctx.bought_mask, k, key=key)
         want = min(int(k), ctx.unbought().size)
         top = top_scored(d.indices, d.values["js"], ctx, max(want, int(top_factor) * want), key)
         bought = np.asarray(ctx.bought_indices, np.int64)
@@ -40,6 +37,6 @@ def make(top_factor: int = 4, members: int = 4, candidates: int = 256, tokens: i
         labeled = np.zeros(subset.size, bool)
         labeled[: bought.size] = True
         picks = subset[k_center_greedy(emb[subset], labeled, want, key=key)]
-        return picks.astype(np.int64), state
+        return picks.astype(np.int64)
 
-    return Strategy("hybrid", make.__doc__, (sig, "embeddings"), params, init, select)
+    return stateless("hybrid", make.__doc__, (sig, "embeddings"), params, select)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from qbudget.errors import QBudgetError
-from qbudget.strategy import SelectionContext, Strategy, numpy_rng
+from qbudget.strategy import SelectionContext, Strategy, numpy_rng, stateless
 
 ALLOCATIONS = ("proportional", "equal")
 
@@ -58,10 +58,7 @@ def make(allocation: str = "proportional") -> Strategy:
         raise QBudgetError(f"stratified: allocation must be one of {', '.join(ALLOCATIONS)}, "
                            f"got '{allocation}'")
 
-    def init(ctx: SelectionContext):
-        return None
-
-    def select(state, signals, ctx: SelectionContext, k: int, key):
+    def select(signals, ctx: SelectionContext, k: int, key):
         cats = np.asarray(signals["categories"])
         c = max(len(ctx.category_names), int(cats.max(initial=-1)) + 1)
         mask = np.asarray(ctx.bought_mask, bool)
@@ -74,7 +71,6 @@ def make(allocation: str = "proportional") -> Strategy:
             idx = np.flatnonzero((cats == ci) & ~mask)
             rng = numpy_rng(jax.random.fold_in(key, int(ci)))
             picks.append(rng.choice(idx, size=int(alloc[ci]), replace=False))
-        out = np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
-        return out, state
+        return np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
 
-    return Strategy("stratified", make.__doc__, ("categories",), {"allocation": allocation}, init, select)
+    return stateless("stratified", make.__doc__, ("categories",), {"allocation": allocation}, select)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from qbudget.strategy import SelectionContext, Strategy, random_unbought
+from qbudget.strategy import SelectionContext, Strategy, random_unbought, stateless
 
 
 def make() -> Strategy:
     """Uniformly random unbought prompts (the baseline every strategy must beat)."""
 
-    def init(ctx: SelectionContext):
-        return None
+    def select(signals, ctx: SelectionContext, k: int, key):
+        return random_unbought(ctx, k, key)
 
-    def select(state, signals, ctx: SelectionContext, k: int, key):
-        return random_unbought(ctx, k, key), state
-
-    return Strategy("random", make.__doc__, (), {}, init, select)
+    return stateless("random", make.__doc__, (), {}, select)

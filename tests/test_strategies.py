@@ -103,6 +103,33 @@ def test_contract_violations_are_caught():
             sel(None, {}, ctx, 3, jax.random.key(0))
 
 
+def test_stateless_and_top_or_random():
+    from qbudget.signals import CandidateScores
+    from qbudget.strategy import random_unbought, stateless, top_or_random, top_scored
+
+    ctx = synthetic_context(n=50, n_bought=10)
+    calls = []
+
+    def pick(signals, c, k, key):
+        calls.append(sorted(signals))
+        return c.unbought()[:k]
+
+    strat = stateless("first", "first unbought", ["categories"], {"a": 1}, pick)
+    assert strat.init(ctx) is None and strat.signals == ("categories",) and strat.params == {"a": 1}
+    picks, state = strat.select("kept", {"categories": None}, ctx, 4, jax.random.key(0))
+    assert state == "kept" and calls == [["categories"]]
+    np.testing.assert_array_equal(picks, ctx.unbought()[:4])
+
+    select = top_or_random("entropy", "h", secondary="tie")
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(select({"entropy": None}, ctx, 5, key), random_unbought(ctx, 5, key))
+    idx = ctx.unbought()[:8]
+    vals = {"h": np.array([1, 3, 3, 0, 2, 3, 1, 0], np.float32), "tie": np.arange(8, dtype=np.float32)}
+    got = select({"entropy": CandidateScores(idx, vals)}, ctx, 5, key)
+    np.testing.assert_array_equal(got, top_scored(idx, vals["h"], ctx, 5, key, secondary=vals["tie"]))
+    np.testing.assert_array_equal(got[:3], idx[[5, 2, 1]])
+
+
 def test_signal_specs():
     assert parse_spec("entropy[candidates=5,tokens=2]")[1]["candidates"] == 5
     for bad, match in [("nope", "unknown signal"), ("entropy[foo=1]", "no parameter 'foo'"),
@@ -158,6 +185,7 @@ def test_stratified_equal_balances_categories():
 
 def test_embeddings_cached_on_disk_by_encoder_and_pool(tmp_path, monkeypatch):
     from qbudget import signals
+    from qbudget.models import encoder
 
     calls = []
 
@@ -166,7 +194,7 @@ def test_embeddings_cached_on_disk_by_encoder_and_pool(tmp_path, monkeypatch):
             calls.append(len(texts))
             return np.ones((len(texts), 4), np.float32)
 
-    monkeypatch.setattr(signals, "_encoder", lambda path: FakeEncoder())
+    monkeypatch.setattr(encoder, "shared_encoder", lambda path=None: FakeEncoder())
     pool = synthetic_pool(12)
     a = cached_pool_embeddings(pool, tmp_path)
     b = cached_pool_embeddings(pool, tmp_path)
@@ -225,6 +253,7 @@ def test_bandit_rewards_arms_from_held_out_loss_drops(student, tmp_path):
     from test_committee import make_texts, tiny_student
 
     from qbudget.models.train import PairBatcher, make_optimizer, train_steps
+    from qbudget.signals import adapter_history_depth, record_adapters
 
     lm, tok = tiny_student(tmp_path / "own", seed=5)       # this test trains it
     strat = get_strategy("bandit", {"arms": "random,stratified", "reward_scale": 0.01})
@@ -235,9 +264,13 @@ def test_bandit_rewards_arms_from_held_out_loss_drops(student, tmp_path):
     bought: list[int] = []
     state = None
     opt = make_optimizer(lm, 3e-2)
+    round_q, history = [], {}           # what the loop keeps for the bandit's evidence
     for r in range(3):
+        round_q.append(len(bought))
+        history = record_adapters(history, r, lm, adapter_history_depth(strat.signals))
         ctx = SelectionContext.build(pool, bought, [teacher[i] for i in bought], category_names=CATS,
-                                     student=lm, tokenizer=tok, round=r)
+                                     student=lm, tokenizer=tok, round=r, round_q=tuple(round_q),
+                                     adapter_history=history)
         state = strat.init(ctx) if state is None else state
         key = jax.random.key(r)
         picks, state = strat.select(state, compute_signals(strat.signals, ctx, key), ctx, 8, key)

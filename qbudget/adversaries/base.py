@@ -80,9 +80,4 @@ def check_sample_bound(q: int | None, n_train: int) -> None:
                            "(the adversary-train split size)")
 
 
-def pow2_at_least(n: int, floor: int = 1) -> int:
-    """Shape bucket: the next power of two (keeps the number of compiled shapes small)."""
-    return max(floor, 1 << max(0, int(n - 1).bit_length()))
-
-
 Runner = Callable[[AdversaryData, object, jax.Array], AdversaryResult]

@@ -9,25 +9,15 @@ classes share it). Minibatch Adam for exactly ``t`` steps in one jitted scan.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qbudget.adversaries.base import AdversaryData, AdversaryResult, pow2_at_least, train_subset
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    q: int | None = None
-    t: int = 300                  # minibatch Adam steps
-    hidden: int = 128
-    batch: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    use_prompt: bool = True
+from qbudget.adversaries.base import AdversaryData, AdversaryResult, train_subset
+from qbudget.adversaries.configs import EmbedConfig
+from qbudget.padding import pad_rows, pow2_at_least
 
 
 def init_mlp(key, din: int, hidden: int):
@@ -74,12 +64,6 @@ def unit_features(data: AdversaryData, rows: np.ndarray, use_prompt: bool) -> np
     return np.concatenate([ans, ans * np.concatenate([p, p])], axis=1)
 
 
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros((n,) + x.shape[1:], x.dtype)
-    out[: len(x)] = x
-    return out
-
-
 def run(data: AdversaryData, cfg: EmbedConfig, key: jax.Array) -> AdversaryResult:
     kq, kfit = jax.random.split(key)
     train = train_subset(data, cfg.q, kq)
@@ -88,10 +72,10 @@ def run(data: AdversaryData, cfg: EmbedConfig, key: jax.Array) -> AdversaryResul
     y = np.concatenate([np.ones(len(train)), np.zeros(len(train))]).astype(np.float32)
     n = len(y)
     m = pow2_at_least(n, 64)
-    params = fit_mlp(_pad(x, m), _pad(y, m), n, kfit, hidden=cfg.hidden, steps=cfg.t,
+    params = fit_mlp(pad_rows(x, m), pad_rows(y, m), n, kfit, hidden=cfg.hidden, steps=cfg.t,
                      batch=cfg.batch, lr=cfg.lr, wd=cfg.weight_decay)
     xt = unit_features(data, test, cfg.use_prompt).astype(np.float32)
-    logits = np.asarray(_apply(params, _pad(xt, pow2_at_least(len(xt), 64))))[: len(xt)]
+    logits = np.asarray(_apply(params, pad_rows(xt, pow2_at_least(len(xt), 64))))[: len(xt)]
     yt = np.concatenate([np.ones(len(test)), np.zeros(len(test))]) > 0.5
     correct = (logits > 0) == yt
     d = x.shape[1]

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from qbudget.padding import pow2_at_least
+
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -88,7 +90,7 @@ class HashedNgrams:
             rows_i.append(hit[0])
             rows_v.append(hit[1])
         widest = max((len(r) for r in rows_i), default=1)
-        k = min(self.max_features, max(64, 1 << int(widest - 1).bit_length()))
+        k = min(self.max_features, pow2_at_least(widest, 64))
         idx = np.zeros((len(rows_i), k), np.int32)
         val = np.zeros((len(rows_i), k), np.float32)
         for r, (i, v) in enumerate(zip(rows_i, rows_v)):

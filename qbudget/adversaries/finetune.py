@@ -9,7 +9,6 @@ is never modified.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -18,20 +17,10 @@ import optax
 from flax import nnx
 
 from qbudget.adversaries.base import AdversaryData, AdversaryResult, train_subset
+from qbudget.adversaries.configs import FinetuneConfig
 from qbudget.errors import QBudgetError
 from qbudget.models.encoder import mean_pool
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    q: int | None = None          # sample bound (None = all adversary-train prompts)
-    t: int = 50                   # minibatch AdamW steps
-    batch: int = 16
-    lr: float = 5e-5
-    head_lr: float = 1e-3
-    max_length: int = 128
-    use_prompt: bool = True       # encode (prompt, answer) as a BERT sentence pair
-    eval_batch: int = 64
+from qbudget.padding import pad_rows
 
 
 def _logits(graphdef, state, head, ids, mask, types):
@@ -96,7 +85,7 @@ def run(data: AdversaryData, cfg: FinetuneConfig, key: jax.Array) -> AdversaryRe
         ids, mask, types = enc.tokenize(a, b, length=cfg.max_length)
         pad = cfg.eval_batch - len(ids)
         if pad:
-            ids, mask, types = (np.pad(x, ((0, pad), (0, 0))) for x in (ids, mask, types))
+            ids, mask, types = (pad_rows(x, cfg.eval_batch) for x in (ids, mask, types))
             mask[len(mask) - pad:, 0] = 1
         eval_tokens += ids.size
         logits[sl] = np.asarray(logit_fn(state, head, ids, mask, types))[: len(te_a[sl])]

@@ -8,25 +8,16 @@ shapes are bucketed so repeated evaluations reuse the compiled function.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qbudget.adversaries.base import AdversaryData, AdversaryResult, pow2_at_least, train_subset
+from qbudget.adversaries.base import AdversaryData, AdversaryResult, train_subset
+from qbudget.adversaries.configs import NgramConfig
 from qbudget.adversaries.features import HashedNgrams
-
-
-@dataclass(frozen=True)
-class NgramConfig:
-    q: int | None = None          # sample bound: adversary-train prompts (None = all)
-    t: int = 200                  # compute bound: full-batch Adam steps
-    lr: float = 0.1
-    l2: float = 1e-5
-    dim_log2: int = 18            # hashed feature space 2^dim_log2
-    use_prompt: bool = False      # add prompt-echo features (answer tokens found in the prompt)
+from qbudget.padding import pad_cols, pad_rows, pow2_at_least
 
 
 def sparse_logits(w, b, idx, val):
@@ -58,15 +49,6 @@ def fit_logreg(idx, val, y, weight, *, dim: int, steps: int, lr: float, l2: floa
 _score = jax.jit(sparse_logits)
 
 
-def _pad_rows(idx, val, n: int):
-    k = idx.shape[1]
-    out_i = np.zeros((n, k), np.int32)
-    out_v = np.zeros((n, k), np.float32)
-    out_i[: len(idx)] = idx
-    out_v[: len(val)] = val
-    return out_i, out_v
-
-
 def featurize_units(data: AdversaryData, rows: np.ndarray, feats: HashedNgrams, use_prompt: bool):
     """Features of teacher then student answers for the given prompt rows (labels 1 then 0)."""
     texts = [data.teacher[i] for i in rows] + [data.student[i] for i in rows]
@@ -83,16 +65,13 @@ def run(data: AdversaryData, cfg: NgramConfig, key: jax.Array) -> AdversaryResul
     idx, val, y = featurize_units(data, train, feats, cfg.use_prompt)
     tidx, tval, ty = featurize_units(data, test, feats, cfg.use_prompt)
     k = max(idx.shape[1], tidx.shape[1])
-    idx, val = _pad_rows(np.pad(idx, ((0, 0), (0, k - idx.shape[1]))),
-                         np.pad(val, ((0, 0), (0, k - val.shape[1]))), pow2_at_least(len(y), 64))
-    weight = np.zeros(len(idx), np.float32)
-    weight[: len(y)] = 1.0
-    y_pad = np.zeros(len(idx), np.float32)
-    y_pad[: len(y)] = y
+    m = pow2_at_least(len(y), 64)
+    idx, val = pad_rows(pad_cols(idx, k), m), pad_rows(pad_cols(val, k), m)
+    y_pad, weight = pad_rows(y, m), pad_rows(np.ones(len(y), np.float32), m)
     w, b = fit_logreg(idx, val, y_pad, weight, dim=feats.dim, steps=cfg.t, lr=cfg.lr, l2=cfg.l2)
     n_test = len(ty)
-    tidx, tval = _pad_rows(np.pad(tidx, ((0, 0), (0, k - tidx.shape[1]))),
-                           np.pad(tval, ((0, 0), (0, k - tval.shape[1]))), pow2_at_least(n_test, 64))
+    m_test = pow2_at_least(n_test, 64)
+    tidx, tval = pad_rows(pad_cols(tidx, k), m_test), pad_rows(pad_cols(tval, k), m_test)
     logits = np.asarray(_score(w, b, tidx, tval))[:n_test]
     correct = (logits > 0) == (ty > 0.5)
     nnz = len(y) * k

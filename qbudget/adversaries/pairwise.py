@@ -12,7 +12,6 @@ identical answers) are broken by a seeded coin.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Sequence
 
 import jax
@@ -20,22 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qbudget.adversaries.base import AdversaryData, AdversaryResult, pow2_at_least, train_subset
+from qbudget.adversaries.base import AdversaryData, AdversaryResult, train_subset
+from qbudget.adversaries.configs import PairwiseConfig
 from qbudget.adversaries.embed import init_mlp, mlp
 from qbudget.adversaries.features import HashedNgrams
 from qbudget.adversaries.ngram import sparse_logits
-
-
-@dataclass(frozen=True)
-class PairwiseConfig:
-    q: int | None = None
-    t: int = 300                  # minibatch Adam steps over training pairs
-    hidden: int = 64
-    batch: int = 256
-    lr_sparse: float = 0.05
-    lr_dense: float = 2e-3
-    dim_log2: int = 17
-    use_embeddings: bool = True
+from qbudget.padding import pad_cols, pad_rows, pow2_at_least
 
 
 def _score(p, idx, val, emb):
@@ -99,8 +88,8 @@ class PairwiseScorer:
                 emb_prompts = self.encoder.encode(list(prompts))
             if emb_answers is None:
                 emb_answers = self.encoder.encode(list(answers))
-            emb = _pad(_emb_features(emb_prompts, emb_answers), m)
-        return np.asarray(_score_jit(self.params, _pad(idx, m), _pad(val, m), emb))[:n]
+            emb = pad_rows(_emb_features(emb_prompts, emb_answers), m)
+        return np.asarray(_score_jit(self.params, pad_rows(idx, m), pad_rows(val, m), emb))[:n]
 
     def decide(self, prompts, first, second, coin=None):
         """(P(first is the teacher's), 0/1 decision) for each prompt's answer pair."""
@@ -112,18 +101,11 @@ def _emb_features(ep, ea):
     return np.concatenate([ea, ea * ep], axis=1).astype(np.float32)
 
 
-def _pad(x, n):
-    out = np.zeros((n,) + x.shape[1:], x.dtype)
-    out[: len(x)] = x
-    return out
-
-
 def _features(data, rows, feats, k=None):
     t_idx, t_val = feats.featurize([data.teacher[i] for i in rows])
     s_idx, s_val = feats.featurize([data.student[i] for i in rows])
     k = max(t_idx.shape[1], s_idx.shape[1], k or 0)
-    widen = lambda a: np.pad(a, ((0, 0), (0, k - a.shape[1])))  # noqa: E731
-    return widen(t_idx), widen(t_val), widen(s_idx), widen(s_val)
+    return pad_cols(t_idx, k), pad_cols(t_val, k), pad_cols(s_idx, k), pad_cols(s_val, k)
 
 
 def fit(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array):
@@ -136,11 +118,12 @@ def fit(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array):
     te = se = None
     if cfg.use_embeddings:
         ep = data.embeddings("prompts")[train]
-        te = _pad(_emb_features(ep, data.embeddings("teacher")[train]), m)
-        se = _pad(_emb_features(ep, data.embeddings("student")[train]), m)
-    params = fit_pairwise(_pad(ti, m), _pad(tv, m), te, _pad(si, m), _pad(sv, m), se,
-                          len(train), kfit, dim=feats.dim, hidden=cfg.hidden, steps=cfg.t,
-                          batch=cfg.batch, lr_s=cfg.lr_sparse, lr_d=cfg.lr_dense)
+        te = pad_rows(_emb_features(ep, data.embeddings("teacher")[train]), m)
+        se = pad_rows(_emb_features(ep, data.embeddings("student")[train]), m)
+    params = fit_pairwise(pad_rows(ti, m), pad_rows(tv, m), te, pad_rows(si, m),
+                          pad_rows(sv, m), se, len(train), kfit, dim=feats.dim,
+                          hidden=cfg.hidden, steps=cfg.t, batch=cfg.batch, lr_s=cfg.lr_sparse,
+                          lr_d=cfg.lr_dense)
     return PairwiseScorer(params, feats, data.encoder, cfg.use_embeddings), train, ti.shape[1]
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from qbudget.errors import QBudgetError
 from qbudget.models.decoder import SUPPORTED_MODEL_TYPES, CausalLM, DecoderSpec
+from qbudget.models.lora import ATTN_TARGETS, MLP_TARGETS, lora_block, lora_linears
 
 #: The HF key <-> module path table: (HF key template, our path template, transpose).
 #: Placeholders: {layer} a layer index, {attn} / {mlp} a projection name of that block.
@@ -40,8 +41,7 @@ KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
     ("model.norm.weight", "model.norm.scale", False),
     ("lm_head.weight", "lm_head.kernel", True),
 )
-_PLACEHOLDERS = {"layer": r"\d+", "attn": "q_proj|k_proj|v_proj|o_proj",
-                 "mlp": "gate_proj|up_proj|down_proj"}
+_PLACEHOLDERS = {"layer": r"\d+", "attn": "|".join(ATTN_TARGETS), "mlp": "|".join(MLP_TARGETS)}
 #: HF keys that carry no weights we need (buffers some exporters write).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq\Z")
 
@@ -199,16 +199,9 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
     """HF-named float32/float16 numpy tensors of the model, LoRA folded in."""
     out: dict[str, np.ndarray] = {}
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    merged = {}   # adapted kernels, kernel + scale * A @ B
-    for layer_i, layer in enumerate(model.model.layers):
-        for block in (layer.self_attn, layer.mlp):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                         "down_proj"):
-                lin = getattr(block, name, None)
-                if lin is not None and lin.lora is not None:
-                    sub = "self_attn" if block is layer.self_attn else "mlp"
-                    merged[("model", "layers", layer_i, sub, name, "kernel")] = (
-                        lin.merged_kernel())
+    # adapted kernels, kernel + scale * A @ B
+    merged = {("model", "layers", i, lora_block(t), t, "kernel"): lin.merged_kernel()
+              for i, t, lin in lora_linears(model)}
     for p, v in _flatten(state):
         if "lora" in p:
             continue

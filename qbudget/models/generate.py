@@ -23,25 +23,17 @@ import numpy as np
 from flax import nnx
 
 from qbudget.errors import QBudgetError
+from qbudget.models.decoder import positions_from_mask
 from qbudget.models.text import encode_prompt
+from qbudget.padding import bucket, left_pad, pow2_at_least
 from qbudget.reductions import first_argmax
 
 #: Prompt-length buckets (tokens); longer prompts round up to a multiple of 128.
 LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
-def _bucket_len(n: int) -> int:
-    for b in LENGTH_BUCKETS:
-        if n <= b:
-            return b
-    return -(-n // 128) * 128
-
-
 def _bucket_batch(n: int, cap: int) -> int:
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, cap) if n <= cap else n
+    return min(pow2_at_least(n), cap) if n <= cap else n
 
 
 def _sortable(x):
@@ -100,7 +92,7 @@ def _generate_batch(state, ids, mask, seeds, eos, pad, temperature, top_p, *, gr
     keys = jax.vmap(jax.random.key)(seeds)
     cache = model.init_cache(b, p + max_new)
     kv_mask = jnp.concatenate([mask, jnp.ones((b, max_new), mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    positions = positions_from_mask(mask)
     logits, cache = model.decode(ids, positions, cache, 0, kv_mask, last_only=True)
     tok = _sample(logits[:, -1], keys, 0, temperature, top_p, greedy=greedy, nucleus=nucleus)
     out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
@@ -161,15 +153,10 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int 
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
         bsz = _bucket_batch(len(rows), batch_size)
-        plen = _bucket_len(max(len(prompt_ids[r]) for r in rows))
-        ids = np.full((bsz, plen), pad, np.int32)
-        mask = np.zeros((bsz, plen), np.int32)
+        plen = bucket(max(len(prompt_ids[r]) for r in rows), LENGTH_BUCKETS, beyond=128)
+        ids, mask = left_pad([prompt_ids[r] for r in rows], plen, pad, rows=bsz)
         row_seeds = np.zeros((bsz,), np.uint32)
-        for j, r in enumerate(rows):
-            p = prompt_ids[r]
-            ids[j, plen - len(p):] = p
-            mask[j, plen - len(p):] = 1
-            row_seeds[j] = seeds[r]
+        row_seeds[:len(rows)] = seeds[rows]
         for j in range(len(rows), bsz):   # filler rows: copy of the first row, discarded
             ids[j], mask[j] = ids[0], mask[0]
         out = np.asarray(_generate_batch(state, ids, mask, row_seeds, np.int32(eos),

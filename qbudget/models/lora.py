@@ -32,7 +32,8 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 
-def _block(name: str) -> str:
+def lora_block(name: str) -> str:
+    """The block (``self_attn`` or ``mlp``) that holds projection ``name``."""
     return "self_attn" if name in ATTN_TARGETS else "mlp"
 
 
@@ -54,7 +55,7 @@ def lora_linears(model: CausalLM):
     _, _, targets = model.lora_info
     for i, layer in enumerate(model.model.layers):
         for t in targets:
-            yield i, t, getattr(getattr(layer, _block(t)), t)
+            yield i, t, getattr(getattr(layer, lora_block(t)), t)
 
 
 def _kaiming_uniform_a(key, shape, dtype=jnp.float32):
@@ -79,7 +80,7 @@ def attach_lora(model: CausalLM, rank: int = 8, alpha: float = 16,
     keys = iter(jax.random.split(key, model.spec.num_layers * len(targets)))
     for layer in model.model.layers:
         for t in targets:
-            lin: Linear = getattr(getattr(layer, _block(t)), t)
+            lin: Linear = getattr(getattr(layer, lora_block(t)), t)
             lin.lora = nnx.data(nnx.LoRA(lin.in_features, rank, lin.out_features, dtype=dtype,
                                 param_dtype=dtype, a_initializer=_kaiming_uniform_a,
                                 rngs=nnx.Rngs(params=next(keys))))
@@ -99,7 +100,7 @@ def merge_lora(model: CausalLM) -> CausalLM:
 
 
 def _peft_key(i: int, target: str, ab: str) -> str:
-    return f"base_model.model.model.layers.{i}.{_block(target)}.{target}.lora_{ab}.weight"
+    return f"base_model.model.model.layers.{i}.{lora_block(target)}.{target}.lora_{ab}.weight"
 
 
 def save_adapter(model: CausalLM, path, base_model_name_or_path: str | None = None) -> None:

@@ -24,6 +24,8 @@ from flax import nnx
 
 from qbudget.errors import QBudgetError
 from qbudget.models.text import encode_prompt, encode_response
+from qbudget.padding import round_up
+from qbudget.seeding import as_rng
 
 
 class PairBatcher:
@@ -79,7 +81,7 @@ class PairBatcher:
     def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """ids / attention_mask / loss_mask [B, L] for the given pairs (L bucketed)."""
         longest = int(self.lengths[list(indices)].max())
-        length = min(-(-longest // self.bucket) * self.bucket, self.max_len)
+        length = min(round_up(longest, self.bucket), self.max_len)
         b = len(indices)
         ids = np.full((b, length), self.pad_id, np.int32)
         attn = np.zeros((b, length), np.int32)
@@ -127,20 +129,33 @@ def _shift_left(a):
     return jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
 
 
-def masked_ce(logits, input_ids, loss_mask):
-    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1.
+def _target_nll(logits, input_ids, loss_mask):
+    """Per-position next-token NLL ``[B, T]`` and the weight of each position's target.
 
     Computed at every position against the left-shifted ids, with the last position
     masked out, rather than on ``logits[:, :-1]``: slicing the [B, T, V] logits costs a
     copy forward and a zero pad backward. The target logit is picked with a one-hot
-    product, which fuses with the logsumexp and its gradient (softmax - one-hot).
+    product, which fuses with the logsumexp and its gradient (softmax - one-hot). The one
+    definition of the loss: :func:`masked_ce` (training) and :func:`masked_ce_rows`
+    (per-pair losses, the committee and the bandit's evidence) only reduce it.
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jax.nn.one_hot(_shift_left(input_ids), logits.shape[-1], dtype=logits.dtype)
     nll = lse - jnp.sum(logits * tgt, axis=-1)
-    m = _shift_left(loss_mask)
+    return nll, _shift_left(loss_mask)
+
+
+def masked_ce(logits, input_ids, loss_mask):
+    """Mean next-token cross-entropy over positions whose *target* has loss_mask 1."""
+    nll, m = _target_nll(logits, input_ids, loss_mask)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_ce_rows(logits, input_ids, loss_mask):
+    """:func:`masked_ce` per row: ``[B]`` mean NLL over each sequence's target positions."""
+    nll, m = _target_nll(logits, input_ids, loss_mask)
+    return jnp.sum(nll * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
 def loss_fn(model, batch):
@@ -171,17 +186,6 @@ def _step(model_def, opt_def, wrt, trainable, rest, opt_state, batch):
     return nnx.state(model, wrt), nnx.state(opt), loss
 
 
-def _as_rng(rng) -> np.random.Generator | None:
-    if rng is None or isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)):
-        return np.random.default_rng(int(rng))
-    # a jax key
-    bits = np.asarray(jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                      else rng).astype(np.uint32).ravel()
-    return np.random.default_rng([int(x) for x in bits])
-
-
 def train_steps(model, optimizer: nnx.Optimizer, batcher: PairBatcher, steps: int,
                 key_or_rng=None, *, rng=None) -> np.ndarray:
     """Run ``steps`` optimiser steps on batches from ``batcher``; returns the losses.
@@ -190,7 +194,7 @@ def train_steps(model, optimizer: nnx.Optimizer, batcher: PairBatcher, steps: in
     into one; None = the batcher's own Generator). The model and optimizer are updated in
     place; parameters outside the optimizer's ``wrt`` filter are not touched.
     """
-    rng = _as_rng(rng if rng is not None else key_or_rng)
+    rng = as_rng(rng if rng is not None else key_or_rng)
     wrt = optimizer.wrt
     model_def, trainable, rest = nnx.split(model, wrt, ...)
     opt_def, opt_state = nnx.split(optimizer)

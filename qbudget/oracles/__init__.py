@@ -11,6 +11,15 @@ from qbudget.oracles.http import HttpOracle, HttpOracleConfig
 from qbudget.oracles.local import LocalModelOracle, checkpoint_checksum
 from qbudget.oracles.replay import ReplayOracle, load_replay, write_replay
 
-__all__ = ["Oracle", "OracleCallError", "LocalModelOracle", "ReplayOracle", "HttpOracle",
+
+
+def oracle_for(world) -> Oracle:
+    """The teacher of a world: its own oracle if it defines one, else its local checkpoint."""
+    if hasattr(world, "make_oracle"):
+        return world.make_oracle()
+    return LocalModelOracle(world.teacher_dir, world.sampling, world.seed)
+
+
+__all__ = ["oracle_for", "Oracle", "OracleCallError", "LocalModelOracle", "ReplayOracle", "HttpOracle",
            "HttpOracleConfig", "load_replay", "write_replay", "checkpoint_checksum",
            "prompt_hash", "prompt_seed", "stable_hash"]

@@ -59,5 +59,6 @@ def prompt_hash(text: str) -> str:
 
 def prompt_seed(seed: int, text: str, sample: int = 0) -> int:
     """A 31-bit seed for one (prompt, sample): independent of batch order and composition."""
-    digest = hashlib.sha256(f"{int(seed)}\x1f{int(sample)}\x1f{text}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    from qbudget.seeding import stable_seed
+
+    return stable_seed(int(seed), int(sample), text)

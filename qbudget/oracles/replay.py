@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from qbudget.answers import read_jsonl
 from qbudget.errors import QBudgetError
 from qbudget.oracles.base import stable_hash
 from qbudget.pool import Prompt
@@ -38,26 +39,6 @@ def _check_row(row, where: str) -> tuple[str, str, str, int]:
     return row["id"], row["prompt"], row["response"], int(sample)
 
 
-def _jsonl_rows(path: Path) -> Iterable[tuple[str, dict]]:
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise QBudgetError(f"cannot read replay file {path}: {exc.strerror}") from None
-    with fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise QBudgetError(f"{where}: malformed JSON ({exc.msg})") from None
-                yield where, row
-        except UnicodeDecodeError:
-            raise QBudgetError(f"{path}: not UTF-8 text (is it really JSONL?)") from None
-
-
 def _parquet_rows(path: Path) -> Iterable[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -80,7 +61,7 @@ def load_replay(path: str | Path) -> list[tuple[str, str, str, int]]:
         raise QBudgetError(f"replay file not found: {path}")
     if path.suffix not in REPLAY_SUFFIXES:
         raise QBudgetError(f"replay file must end in .jsonl or .parquet: {path}")
-    rows_iter = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    rows_iter = _parquet_rows(path) if path.suffix == ".parquet" else read_jsonl(path, "replay file")
     rows: list[tuple[str, str, str, int]] = []
     seen: dict[tuple[str, int], str] = {}
     for where, raw in rows_iter:
