@@ -1,9 +1,11 @@
 """Experiment TOML validation: typed objects, errors that name the key, the schedule."""
 
+import dataclasses
+
 import pytest
 
-from qbudget.config import (BenchConfig, BudgetConfig, checkpoint_schedule, load_bench_config,
-                            load_run_config)
+from qbudget.config import (BenchConfig, BudgetConfig, RunConfig, checkpoint_schedule,
+                            load_bench_config, load_run_config)
 from qbudget.errors import QBudgetError
 
 
@@ -77,8 +79,28 @@ allocation = "equal"
     cfg = load_bench_config(p)
     cells = cfg.cells()
     assert len(cells) == 6 and {c.seed for c in cells} == {0, 1, 2}
+    # worlds x strategies x seeds, in that nesting order
+    assert [(c.world, c.strategy.name, c.seed) for c in cells] == [
+        ("micro", s, seed) for s in ("random", "stratified") for seed in (0, 1, 2)]
     strat = [c for c in cells if c.strategy.name == "stratified"][0]
     assert strat.strategy.params == {"allocation": "equal"} and strat.budget.total == 32
     with pytest.raises(QBudgetError, match="grid.strategies"):
         load_bench_config(write(tmp_path, "[grid]\nstrategies = []\n", "e.toml"))
-    assert isinstance(BenchConfig(), BenchConfig)
+
+
+def test_bench_defaults_are_a_two_by_two_micro_grid_of_default_runs(tmp_path):
+    default = BenchConfig()
+    assert default.grid.baseline == "stratified" and default.grid.epsilon == 0.0
+    assert default.workers == 0 and default.strategy_params == {}
+    cells = default.cells()
+    assert [(c.world, c.strategy.name, c.seed) for c in cells] == [
+        ("micro", "random", 0), ("micro", "random", 1),
+        ("micro", "stratified", 0), ("micro", "stratified", 1)]
+    assert all(c.strategy.params == {} for c in cells)
+    # apart from world, strategy and seed, every cell is the default run
+    run = RunConfig()
+    for c in cells:
+        assert dataclasses.replace(c, world=run.world, strategy=run.strategy, seed=run.seed) == run
+    assert run.budget.total == 256 and run.schedule(1_000) == [0, 16, 64, 256]
+    # an empty bench TOML means exactly these defaults
+    assert load_bench_config(write(tmp_path, "", "empty.toml")) == default

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+# transformers' config classes need no torch; its model classes (the references) do, and
+# only the tests that use them ask for the ``torch`` fixture, which skips without PyTorch.
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from qbudget.errors import QBudgetError  # noqa: E402
-from qbudget.models import CausalLM  # noqa: E402
-from qbudget.models.checkpoint import KEY_TABLE, hf_to_path, path_to_hf  # noqa: E402
-from qbudget.models.decoder import logits as jit_logits  # noqa: E402
+from qbudget.errors import QBudgetError
+from qbudget.models import CausalLM
+from qbudget.models.checkpoint import KEY_TABLE, hf_to_path, path_to_hf
+from qbudget.models.decoder import logits as jit_logits
 
 VOCAB = 61
 
@@ -43,17 +44,32 @@ def randomized(config, seed: int) -> CausalLM:
 CASES = [("llama", False, 2), ("llama", True, 1), ("qwen2", False, 2), ("qwen2", True, 4)]
 
 
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{'tied' if c[1] else 'untied'}-kv{c[2]}")
-def saved(request, tmp_path_factory):
+def saved_jax(request, tmp_path_factory):
+    """(model, folder): a randomized CausalLM and its checkpoint, written without torch."""
     kind, tied, kv = request.param
     model = randomized(tiny_config(kind, tied, kv), seed=len(kind) + kv)
     folder = tmp_path_factory.mktemp(f"{kind}{int(tied)}{kv}")
     model.save_pretrained(folder)
-    torch_cls = Qwen2ForCausalLM if kind == "qwen2" else LlamaForCausalLM
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def saved(saved_jax, torch):
+    """(model, folder, transformers' PyTorch model loaded from the same checkpoint)."""
+    model, folder = saved_jax
+    torch_cls = Qwen2ForCausalLM if model.config.model_type == "qwen2" else LlamaForCausalLM
     return model, folder, torch_cls.from_pretrained(str(folder)).eval()
 
 
 def torch_logits(tm, ids, mask=None, position_ids=None):
+    import torch
+
     kw = {}
     if mask is not None:
         kw["attention_mask"] = torch.tensor(mask)
@@ -88,8 +104,8 @@ def test_left_padding_matches_transformers_with_positions(saved):
     assert np.abs(ours[0, 4:] - np.asarray(model(ids[:1, 4:]))[0]).max() <= 1e-5
 
 
-def test_rope_theta_and_tied_head_follow_config(saved):
-    model, folder, _ = saved
+def test_rope_theta_and_tied_head_follow_config(saved_jax):
+    model, folder = saved_jax
     assert model.spec.rope_theta == 500.0
     assert model.config.model_type in ("llama", "qwen2")
     from safetensors import safe_open
@@ -125,7 +141,7 @@ def test_rope_gradient_matches_autodiff_of_rotate_half():
     np.testing.assert_allclose(np.asarray(dx_jit), np.asarray(dx), atol=1e-6)
 
 
-def test_sharded_checkpoint_loads(tmp_path):
+def test_sharded_checkpoint_loads(tmp_path, torch):
     model = randomized(tiny_config("llama", False), seed=7)
     model.save_pretrained(tmp_path / "single")
     tm = LlamaForCausalLM.from_pretrained(str(tmp_path / "single"))
@@ -212,7 +228,7 @@ def test_refuses_missing_tensor(folder, tmp_path):
         CausalLM.from_pretrained(folder)
 
 
-def test_refuses_missing_shard(tmp_path):
+def test_refuses_missing_shard(tmp_path, torch):
     model = randomized(tiny_config("llama", True), seed=5)
     model.save_pretrained(tmp_path / "one")
     LlamaForCausalLM.from_pretrained(str(tmp_path / "one")).save_pretrained(

@@ -6,11 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
+import transformers
+
 from qbudget.errors import QBudgetError
 from qbudget.models.encoder import SentenceEncoder
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 SENTENCES = [
     "Hi.",
@@ -22,7 +21,15 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def torch():
+    """PyTorch, for the parity references only: without it those tests skip, the rest run."""
+    return pytest.importorskip("torch")
+
+
 def _reference(folder, texts, max_length=256):
+    import torch
+
     model = transformers.BertModel.from_pretrained(str(folder)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     b = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -38,7 +45,7 @@ def minilm():
     return SentenceEncoder.from_pretrained()
 
 
-def test_minilm_parity_with_transformers(minilm):
+def test_minilm_parity_with_transformers(minilm, torch):
     ours = minilm.encode(SENTENCES, batch_size=4)
     ref, width = _reference(minilm.path, SENTENCES)
     assert width > 128  # the long sentence really exceeds the tokenizer.json's 128 limit
@@ -74,7 +81,7 @@ def test_max_length_is_256_tokens(minilm):
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory, minilm):
+def tiny_bert(tmp_path_factory, minilm, torch):
     """A small random BERT folder (MiniLM's tokenizer, gelu, non-default eps)."""
     folder = tmp_path_factory.mktemp("tiny_bert")
     cfg = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
@@ -96,28 +103,44 @@ def test_any_bert_folder_parity(tiny_bert):
 
 
 def _broken_copy(src, dst, **changes):
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, symlinks=True)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(changes)
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
 
-def test_refusals(tiny_bert, tmp_path):
+@pytest.fixture()
+def bert_folder(minilm, tmp_path):
+    """A BERT folder needing no torch: MiniLM's files, its weights linked rather than copied."""
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    for f in minilm.path.iterdir():
+        if f.is_file():
+            if f.suffix == ".safetensors":
+                (folder / f.name).symlink_to(f.resolve())
+            else:
+                shutil.copy(f, folder / f.name)
+    assert SentenceEncoder.from_pretrained(folder).encode(["ok"]).shape == (1, 384)
+    return folder
+
+
+def test_refusals(bert_folder, tmp_path):
+    layers = json.loads((bert_folder / "config.json").read_text())["num_hidden_layers"]
     with pytest.raises(QBudgetError, match="model_type 'llama'"):
-        SentenceEncoder.from_pretrained(_broken_copy(tiny_bert, tmp_path / "a", model_type="llama"))
+        SentenceEncoder.from_pretrained(_broken_copy(bert_folder, tmp_path / "a", model_type="llama"))
     with pytest.raises(QBudgetError, match="shape"):
-        SentenceEncoder.from_pretrained(_broken_copy(tiny_bert, tmp_path / "b", hidden_size=32,
+        SentenceEncoder.from_pretrained(_broken_copy(bert_folder, tmp_path / "b", hidden_size=32,
                                                      num_attention_heads=4))
     with pytest.raises(QBudgetError, match="hidden_act 'swish'"):
-        SentenceEncoder.from_pretrained(_broken_copy(tiny_bert, tmp_path / "c", hidden_act="swish"))
-    no_weights = _broken_copy(tiny_bert, tmp_path / "d")
+        SentenceEncoder.from_pretrained(_broken_copy(bert_folder, tmp_path / "c", hidden_act="swish"))
+    no_weights = _broken_copy(bert_folder, tmp_path / "d")
     for f in no_weights.glob("*.safetensors"):
         f.unlink()
     with pytest.raises(QBudgetError, match="no \\*.safetensors"):
         SentenceEncoder.from_pretrained(no_weights)
     with pytest.raises(QBudgetError, match="config.json not found"):
         SentenceEncoder.from_pretrained(tmp_path / "missing")
-    more_layers = _broken_copy(tiny_bert, tmp_path / "e", num_hidden_layers=3)
+    more_layers = _broken_copy(bert_folder, tmp_path / "e", num_hidden_layers=layers + 1)
     with pytest.raises(QBudgetError, match="weights missing"):
         SentenceEncoder.from_pretrained(more_layers)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -111,3 +112,54 @@ def test_world_mode_refuses_bad_input_with_one_line(tmp_path):
         _invoke("--world", "micro", "--teacher", t, "--student", t))
     assert "--adapter only applies with --world" in _error(
         _invoke("--teacher", t, "--student", t, "--adapter", str(tmp_path)))
+
+
+# -- --world with --adapter: the adapter is really applied --------------------------------
+
+WORLD_ARGS = ["--world", "micro", "--adversaries", "ngram", "--probe-subset", "60", "--json"]
+
+
+def _world_rows(*extra):
+    res = _invoke(*WORLD_ARGS, *extra)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    return {(r["metric"], r["adversary"], r["category"]): r for r in rows}
+
+
+def _adapter(micro, folder, scale: float):
+    """A PEFT adapter for micro's student: fresh (B = 0) if ``scale`` is 0, else every LoRA
+    weight moved by ``scale`` x N(0, 1) noise."""
+    import jax
+    from flax import nnx
+
+    from qbudget.models import CausalLM
+    from qbudget.models.lora import attach_lora, save_adapter
+
+    model = attach_lora(CausalLM.from_pretrained(micro.student_dir), rank=4, alpha=8,
+                        key=jax.random.key(1))
+    lora = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(lora)
+    assert leaves and any(not np.asarray(x).any() for x in leaves)     # B starts at zero
+    if scale:
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        nnx.update(model, jax.tree.unflatten(
+            treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    save_adapter(model, folder, str(micro.student_dir))
+    return folder
+
+
+@pytest.mark.slow
+def test_world_mode_applies_the_adapter(micro_world, tmp_path):
+    base = _world_rows()
+    zero = _world_rows("--adapter", str(_adapter(micro_world, tmp_path / "zero", 0.0)))
+    moved = _world_rows("--adapter", str(_adapter(micro_world, tmp_path / "moved", 0.5)))
+    # an adapter that computes the identity leaves every row exactly as the base student's
+    assert zero == base
+    # one with non-zero weights changes the student's answers, hence the measured rows
+    assert set(moved) == set(base)
+    sim = ("similarity", "", "all")
+    assert base[sim]["n"] == moved[sim]["n"] == 60
+    assert moved[sim]["value"] != base[sim]["value"]
+    changed = [k for k in base if k[0] in ("similarity", "advantage")
+               and moved[k]["value"] != base[k]["value"]]
+    assert len(changed) >= 2, changed

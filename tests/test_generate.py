@@ -6,14 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+# transformers' config classes need no torch; only the parity test with transformers'
+# generate asks for the ``torch`` fixture (skipped without it), the rest always run.
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from qbudget.errors import QBudgetError  # noqa: E402
-from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
-from qbudget.models.generate import generate, generate_text, nucleus_mask  # noqa: E402
-from qbudget.models.text import encode_prompt  # noqa: E402
-from qbudget.reductions import first_argmax  # noqa: E402
+from qbudget.errors import QBudgetError
+from qbudget.models import CausalLM, load_tokenizer
+from qbudget.models.generate import generate, generate_text, nucleus_mask
+from qbudget.models.text import encode_prompt
+from qbudget.reductions import first_argmax
 
 VOCAB = 38
 
@@ -27,7 +28,14 @@ def make(kind: str, tied: bool, seed: int, eos: int = 2) -> CausalLM:
     return CausalLM.from_config(cfg, key=jax.random.key(seed))
 
 
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
 def hf_greedy(folder, torch_cls, prompts, max_new, eos, pad=0):
+    import torch
+
     tm = torch_cls.from_pretrained(str(folder)).eval()
     p = max(map(len, prompts))
     ids = np.full((len(prompts), p), pad)
@@ -44,7 +52,7 @@ def hf_greedy(folder, torch_cls, prompts, max_new, eos, pad=0):
 
 @pytest.mark.parametrize("kind,tied,cls", [("llama", False, LlamaForCausalLM),
                                            ("qwen2", True, Qwen2ForCausalLM)])
-def test_greedy_matches_transformers_generate(tmp_path, kind, tied, cls):
+def test_greedy_matches_transformers_generate(tmp_path, kind, tied, cls, torch):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, VOCAB, n).tolist() for n in (3, 9, 1, 17, 6)]
     model = make(kind, tied, seed=11)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+# transformers' config classes need no torch; the PEFT parity test asks for torch and peft
+# through fixtures (skipped without them), so every JAX-only test here always runs.
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from qbudget.errors import QBudgetError  # noqa: E402
-from qbudget.models import CausalLM, load_tokenizer  # noqa: E402
-from qbudget.models.lora import attach_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
-from qbudget.models.text import encode_prompt  # noqa: E402
-from qbudget.models.train import PairBatcher, make_optimizer, train_steps  # noqa: E402
+from qbudget.errors import QBudgetError
+from qbudget.models import CausalLM, load_tokenizer
+from qbudget.models.lora import attach_lora, load_adapter, merge_lora, save_adapter
+from qbudget.models.text import encode_prompt
+from qbudget.models.train import PairBatcher, make_optimizer, train_steps
 
 PROMPTS = ["what is the cat", "why a big dog", "how the mat", "what is red", "is blue a big dog"]
 ANSWERS = ["the cat sat on a mat", "yes big dog ran fast", "no", "red and blue",
@@ -29,6 +29,16 @@ def config(kind="llama", vocab=38):
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def peft(torch):
+    return pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +148,7 @@ def test_optimizer_needs_adapters():
 
 @pytest.mark.parametrize("kind,targets", [("llama", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                           ("qwen2", ("q_proj", "v_proj", "up_proj", "down_proj"))])
-def test_peft_adapter_matches_torch(tmp_path, kind, targets):
+def test_peft_adapter_matches_torch(tmp_path, kind, targets, torch, peft):
     model = CausalLM.from_config(config(kind), key=jax.random.key(5))
     model.save_pretrained(tmp_path / "base")
     attach_lora(model, rank=4, alpha=12, targets=targets, key=jax.random.key(6))

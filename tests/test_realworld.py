@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ledger_oracle_fingerprint
 from qbudget.cli import app
 from qbudget.ledger import Ledger
 from qbudget.pool import save_prompts
@@ -48,6 +49,20 @@ ceiling = false
 """
 
 
+def assert_paid_once(spy, run_dir, pool, probe) -> None:
+    """Counted at the (spied, real) teacher oracle: each prompt the run bought was answered
+    exactly once, no other pool prompt was answered, each probe prompt once per sample."""
+    calls = spy.calls()
+    assert {c["oracle"] for c in calls} == {ledger_oracle_fingerprint(run_dir / "ledger.sqlite")}
+    pool_ids, probe_ids = {p.id for p in pool}, {p.id for p in probe}
+    train = [c["id"] for c in calls if c["id"] in pool_ids]
+    evals = [(c["id"], c["sample"]) for c in calls if c["id"] in probe_ids]
+    assert len(train) + len(evals) == len(calls)
+    bought = [pid for pid, _ in Ledger(run_dir / "ledger.sqlite", budget=32).bought()]
+    assert sorted(train) == sorted(bought) and len(set(bought)) == len(bought) == 32
+    assert sorted(evals) == sorted({(p.id, 0) for p in probe})     # ceiling = false
+
+
 def one_line_error(result, needle):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
@@ -55,16 +70,19 @@ def one_line_error(result, needle):
 
 
 @pytest.mark.slow
-def test_run_and_eval_on_a_real_world_toml(tmp_path, micro_world):
+def test_run_and_eval_on_a_real_world_toml(tmp_path, micro_world, oracle_spy, monkeypatch):
     world = write_world(tmp_path, micro_world, f'kind = "local"\ndir = "{micro_world.teacher_dir}"')
     cfg = tmp_path / "run.toml"
     cfg.write_text(RUN.format(world=world))
     out = tmp_path / "run"
+    oracle_spy.install(monkeypatch)
     res = CliRunner().invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     df = read_results(out)
     assert set(df.q) == {0, 32} and set(df.world) == {"mine"}   # the TOML's name
     assert Ledger(out / "ledger.sqlite", budget=32).paid == 32
+    assert {c["name"] for c in oracle_spy.calls()} == {"local:teacher"}
+    assert_paid_once(oracle_spy, out, micro_world.pool[:200], micro_world.probe[:100])
     # the distilled adapter evaluates through `qbudget eval --world <toml>`
     ev = CliRunner().invoke(app, ["eval", "--world", str(world), "--adapter", str(out / "adapter"),
                                   "--adversaries", "ngram", "--json"])
@@ -74,7 +92,8 @@ def test_run_and_eval_on_a_real_world_toml(tmp_path, micro_world):
 
 
 @pytest.mark.slow
-def test_replay_teacher_answers_only_what_it_recorded(tmp_path, micro_world):
+def test_replay_teacher_answers_only_what_it_recorded(tmp_path, micro_world, oracle_spy,
+                                                     monkeypatch):
     replay = tmp_path / "answers.jsonl"
     pool = micro_world.pool[:40]
     with replay.open("w") as f:
@@ -83,11 +102,14 @@ def test_replay_teacher_answers_only_what_it_recorded(tmp_path, micro_world):
     world = write_world(tmp_path, micro_world, f'kind = "replay"\npath = "{replay}"', pool=pool)
     cfg = tmp_path / "run.toml"
     cfg.write_text(RUN.format(world=world))
+    oracle_spy.install(monkeypatch)
     res = CliRunner().invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "run"),
                                    "--quiet"])
     assert res.exit_code == 0, res.output
     answers = [a for _, a in Ledger(tmp_path / "run" / "ledger.sqlite", budget=32).bought()]
     assert len(answers) == 32 and all(a.startswith("recorded ") for a in answers)
+    assert {c["name"] for c in oracle_spy.calls()} == {"replay:answers.jsonl"}
+    assert_paid_once(oracle_spy, tmp_path / "run", pool, micro_world.probe[:100])
 
 
 @pytest.mark.parametrize("teacher, extra, needle", [

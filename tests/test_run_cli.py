@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import OracleSpy, ledger_oracle_fingerprint
 from qbudget.cli import app
 
 RESULT_COLUMNS = ["run_id", "world", "strategy", "seed", "q", "metric", "adversary", "category",
@@ -45,9 +47,38 @@ def fast_config(tmp_path: Path, strategy: str = "random", seed: int = 0) -> Path
     return path
 
 
-def qbudget(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def qbudget(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qbudget", *args], capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy())
+                          timeout=timeout, env=env or os.environ.copy())
+
+
+def assert_oracle_paid_once(spy: OracleSpy, out: Path) -> tuple[set, list]:
+    """Count at the teacher oracle (not in the ledger, whose keys forbid repeats anyway):
+    every distinct pool prompt the run bought was answered exactly once, nothing else from
+    the pool was answered, and each probe prompt once per sample. Returns (train ids, eval)."""
+    from qbudget.worlds import get_world
+
+    world = get_world("micro")
+    pool_ids = {p.id for p in world.pool}
+    calls = spy.calls()
+    assert calls, "the oracle spy saw no answers"
+    assert {c["oracle"] for c in calls} == {ledger_oracle_fingerprint(out / "ledger.sqlite")}
+    train = [c["id"] for c in calls if c["id"] in pool_ids]
+    evals = [(c["id"], c["sample"]) for c in calls if c["id"] not in pool_ids]
+    twice = [k for k, n in Counter(train).items() if n > 1]
+    assert not twice, f"oracle answered {len(twice)} bought prompts more than once: {twice[:5]}"
+    bought = [pid for pid, _ in _bought(out)]
+    assert len(train) == len(set(bought)) == len(bought)
+    assert set(train) == set(bought)
+    assert max(Counter(evals).values()) == 1, "a probe prompt was answered twice"
+    assert {pid for pid, _ in evals} <= {p.id for p in world.probe}
+    return set(train), evals
+
+
+def _bought(out: Path) -> list[tuple[str, str]]:
+    from qbudget.ledger import Ledger
+
+    return Ledger(out / "ledger.sqlite", budget=48).bought()
 
 
 def invoke(*args: str):
@@ -105,13 +136,30 @@ def test_non_empty_out_without_resume_is_refused(micro_world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_run(micro_world, tmp_path_factory):
-    """An uninterrupted run of FAST_RUN (random strategy, seed 0)."""
+def reference(micro_world, tmp_path_factory):
+    """An uninterrupted run of FAST_RUN (random strategy, seed 0), its teacher oracle spied on."""
     tmp = tmp_path_factory.mktemp("reference")
     out = tmp / "run"
-    proc = qbudget("run", "--config", str(fast_config(tmp)), "--out", str(out), "--quiet")
+    spy = OracleSpy(tmp / "spy")
+    proc = qbudget("run", "--config", str(fast_config(tmp)), "--out", str(out), "--quiet",
+                   env=spy.env())
     assert proc.returncode == 0, proc.stderr
-    return out
+    return out, spy
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference):
+    return reference[0]
+
+
+def test_run_pays_the_oracle_once_per_distinct_prompt(reference):
+    out, spy = reference
+    train, evals = assert_oracle_paid_once(spy, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(train) == 48 == manifest["q"] == manifest["paid"]
+    # ceiling = false: the probe is answered once, sample 0 only
+    assert len(evals) == len(micro_world_probe(out)) == manifest["eval_paid"]
+    assert {sample for _, sample in evals} == {0}
 
 
 def test_run_writes_schema_manifest_and_counts(reference_run):
@@ -162,6 +210,17 @@ def _state_round(out: Path) -> int:
         return -1
 
 
+def _reserved(out: Path) -> int:
+    """Budget reserved by unfinished purchases (read raw: opening a Ledger clears dead ones)."""
+    import sqlite3
+
+    con = sqlite3.connect(str(out / "ledger.sqlite"))
+    try:
+        return con.execute("SELECT COUNT(*) FROM purchases WHERE state='reserved'").fetchone()[0]
+    finally:
+        con.close()
+
+
 def _ledger_q(out: Path) -> int:
     from qbudget.ledger import Ledger
 
@@ -176,24 +235,40 @@ def _ledger_q(out: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(reference_run, tmp_path):
-    """SIGKILL at three points (set-up, after a round's purchase, after a checkpoint), resume
-    each time: the final results equal the uninterrupted run's and nothing is paid twice."""
+    """SIGKILL at four points (set-up, mid-purchase, after a round's purchase, after a
+    checkpoint), resume each time: the final results equal the uninterrupted run's and the
+    teacher oracle answered each bought prompt exactly once over all the processes."""
     cfg = fast_config(tmp_path)
     out = tmp_path / "run"
+    spy = OracleSpy(tmp_path / "spy")   # every process below answers through a spied oracle
     args = [sys.executable, "-m", "qbudget", "run", "--config", str(cfg), "--out", str(out), "--quiet"]
     kill_points = [
         lambda: (out / "manifest.json").exists(),           # during set-up
+        "mid-purchase",     # the spy SIGKILLs the process as it starts buying pool answers
         lambda: _ledger_q(out) >= 32 and _state_round(out) < 2,  # purchase committed, round not saved
         lambda: _state_round(out) >= 2,                       # after a checkpoint round
     ]
     kills = 0
     for i, point in enumerate(kill_points):
         extra = ["--resume"] if i > 0 else []
-        proc = subprocess.Popen(args + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if point == "mid-purchase":
+            # on entering its first oracle call for pool prompts: a purchase whose budget is
+            # reserved and whose answers have not arrived
+            proc = subprocess.run(args + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  env=spy.env(kill_at_call=1, kill_prefix="pool-"), timeout=900)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+            assert _reserved(out) > 0      # killed holding a reservation: mid-purchase
+            assert _ledger_q(out) < 48
+            kills += 1
+            continue
+        proc = subprocess.Popen(args + extra, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=spy.env())
         kills += _kill_when(proc, point)
-    final = qbudget("run", "--config", str(cfg), "--out", str(out), "--resume", "--quiet")
+    final = qbudget("run", "--config", str(cfg), "--out", str(out), "--resume", "--quiet",
+                    env=spy.env())
     assert final.returncode == 0, final.stderr
-    assert kills >= 2
+    assert kills >= 3
+    assert len({c["pid"] for c in spy.calls()}) >= 2   # answers really came from several processes
 
     ref = pd.read_parquet(reference_run / "results.parquet")
     got = pd.read_parquet(out / "results.parquet")
@@ -204,6 +279,10 @@ def test_killed_run_resumes_to_identical_results(reference_run, tmp_path):
     np.testing.assert_array_equal(ref["value"].to_numpy(), got["value"].to_numpy())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["q"] == 48 and manifest["paid"] == 48  # every distinct prompt paid once
+    # ...counted where the money goes: the oracle answered each bought prompt exactly once
+    # across all five processes, and each probe prompt once
+    train, evals = assert_oracle_paid_once(spy, out)
+    assert len(train) == 48 and len(evals) == manifest["eval_paid"] == len(micro_world_probe(out))
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -40,7 +41,9 @@ def micro_out(home, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "micro-copy"
     result = runner.invoke(app, ["world", "build", "micro", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "ready at" in result.output
+    assert re.search(rf"^world 'micro' ready at {re.escape(str(out.resolve()))} "
+                     r"\(1,000 pool, 250 probe prompts; [0-9.]+ s\)$", result.stdout, re.M), result.stdout
+    assert cache.problem(out, "micro", SPEC_VERSION) is None
     return out
 
 
@@ -83,7 +86,7 @@ def test_get_world_accepts_a_built_folder(micro_out):
 
 
 def test_checkpoints_load_and_match_transformers(micro):
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qbudget.models import CausalLM
@@ -144,14 +147,35 @@ def test_failed_build_leaves_no_partial_world(tmp_path, monkeypatch):
     assert not [p for p in root.parent.iterdir() if p.is_dir()]
 
 
-def test_world_list_command(micro):
+def _table_rows(output: str) -> dict[str, list[str]]:
+    """The body rows of the `world list` table: {name: [name, architecture, ..., where]}."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("\u2502")]       # rich's vertical bar
+        if len(cells) == 10 and cells[1]:                       # border | 8 columns | border
+            rows[cells[1]] = cells[1:-1]
+    return rows
+
+
+def test_world_list_command(micro, home):
     result = runner.invoke(app, ["world", "list"])
     assert result.exit_code == 0, result.output
-    for name in ("micro", "tiny-qwen2", "tiny-llama"):
-        assert name in result.output
-    assert "built" in result.output and "qwen2" in result.output and "llama" in result.output
+    table = _table_rows(result.output)
+    assert set(table) >= {"micro", "tiny-qwen2", "tiny-llama"}, result.output
+    # columns: name, architecture, pool, probe, teacher params, student params, status, where
+    assert table["micro"][6] == "built", table["micro"]
+    assert table["micro"][7] == str(micro.root) == str(home / "worlds" / "micro")
+    assert table["micro"][2:4] == ["1,000", "250"] and table["micro"][1] == "qwen2/llama"
+    # the tiny worlds are not built in this private home: their status says so
+    assert table["tiny-qwen2"][6] == "not built" and table["tiny-llama"][6] == "not built"
+    assert table["tiny-qwen2"][1] == "qwen2" and table["tiny-llama"][1] == "llama"
+    for f in ("world.json", "pool.jsonl", "probe.jsonl", "teacher/model.safetensors",
+              "student/model.safetensors"):
+        assert (micro.root / f).is_file(), f
     rows = {r["name"]: r for r in list_worlds()}
-    assert rows["micro"]["built"] and rows["tiny-qwen2"]["pool"] == 20_000
+    assert rows["micro"]["built"] is True and rows["micro"]["status"] == "built"
+    assert rows["tiny-qwen2"]["built"] is False and rows["tiny-qwen2"]["status"] == "not built"
+    assert rows["tiny-qwen2"]["pool"] == 20_000
     assert rows["tiny-qwen2"]["student_params"] < rows["tiny-qwen2"]["teacher_params"]
 
 
