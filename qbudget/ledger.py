@@ -6,6 +6,9 @@ and concurrent buyers:
 ``ResponseCache``
     answers keyed by (oracle fingerprint, sha256 of the prompt text, sample), shared between
     runs, sweep cells and processes: a second strategy or seed replaying a prompt pays once.
+    Buyers *claim* the texts they are about to pay for, so two cells wanting the same
+    prompt at the same moment pay once: the second waits for the first one's answer (a
+    claim whose owner died is taken over).
 
 ``Ledger``
     one per run. ``buy`` first *reserves* budget in a ``BEGIN IMMEDIATE`` transaction (so q
@@ -31,6 +34,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -139,6 +143,11 @@ class ResponseCache(_Store):
     CREATE TABLE IF NOT EXISTS responses (
         fingerprint TEXT NOT NULL, prompt_sha TEXT NOT NULL, sample INTEGER NOT NULL,
         response TEXT NOT NULL, PRIMARY KEY (fingerprint, prompt_sha, sample)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS claims (
+        fingerprint TEXT NOT NULL, prompt_sha TEXT NOT NULL, sample INTEGER NOT NULL,
+        owner TEXT NOT NULL, claimed_at REAL NOT NULL,
+        PRIMARY KEY (fingerprint, prompt_sha, sample)
     ) WITHOUT ROWID
     """
 
@@ -167,6 +176,60 @@ class ResponseCache(_Store):
 
     def __len__(self) -> int:
         return self._db.conn().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def claim(self, fingerprint: str, shas: Sequence[str], sample: int,
+              owner: str) -> tuple[dict[str, str], list[str]]:
+        """Claim the right to pay for the answers of ``shas`` (prompt hashes).
+
+        Why: buyers that share this cache (the cells of a sweep, in other processes) may
+        want the same prompt at the same moment; without a claim both would miss the cache
+        and both pay. Returns ``(answered, mine)``: answers already in the cache, and the
+        hashes this ``owner`` now holds and must buy (then :meth:`release`). The rest are
+        held by another live buyer: wait for its answers and claim again. A claim whose
+        owner died (this host: its process is gone; another host: older than
+        ``_FOREIGN_CLAIM_S``) is taken over.
+        """
+        shas = list(dict.fromkeys(shas))   # mine keeps this order: the order they are paid in
+        answered: dict[str, str] = {}
+        mine: list[str] = []
+        now = time.time()
+        with self._db.tx() as con:
+            for part in _chunks(shas, _SQL_CHUNK):
+                marks = ",".join("?" * len(part))
+                answered.update(con.execute(
+                    f"SELECT prompt_sha, response FROM responses WHERE fingerprint=? AND "
+                    f"sample=? AND prompt_sha IN ({marks})", (fingerprint, sample, *part)))
+                held = dict(((sha, (who, at)) for sha, who, at in con.execute(
+                    f"SELECT prompt_sha, owner, claimed_at FROM claims WHERE fingerprint=? "
+                    f"AND sample=? AND prompt_sha IN ({marks})", (fingerprint, sample, *part))))
+                for sha in part:
+                    if sha in answered:
+                        continue
+                    who, at = held.get(sha, (None, 0.0))
+                    if who is None or who == owner or not _owner_alive(who, now - at):
+                        con.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                                    (fingerprint, sha, sample, owner, now))
+                        mine.append(sha)
+        return answered, mine
+
+    def release(self, owner: str) -> None:
+        """Drop every claim ``owner`` holds (its answers are stored, or it failed)."""
+        with self._db.tx() as con:
+            con.execute("DELETE FROM claims WHERE owner=?", (owner,))
+
+
+#: a claim by a buyer on another host is presumed dead after this long (no pid to check)
+_FOREIGN_CLAIM_S = 1800.0
+#: how often a buyer waiting for another buyer's answers looks in the cache again
+_CLAIM_POLL_S = 0.1
+
+
+def _owner_alive(owner: str, age: float) -> bool:
+    """Whether the buyer ``host:pid:token`` may still be paying for its claim."""
+    host, pid, _ = (owner or "::").split(":", 2)
+    if host == _HOST and pid.isdigit():
+        return int(pid) == os.getpid() or _pid_alive(int(pid))
+    return age < _FOREIGN_CLAIM_S
 
 
 def _pid_alive(pid: int) -> bool:
@@ -368,15 +431,32 @@ class Ledger(_Store):
         for p, sha in zip(prompts, shas):
             if sha not in have:
                 missing.setdefault(sha, p)
-        if missing and self.cache is not None:
-            order = list(missing)
-            hits = self.cache.get_many(fp, [missing[s].text for s in order], sample)
-            from_cache = {order[i]: (missing[order[i]].text, r) for i, r in hits.items()}
-            self._store_put(fp, from_cache, sample, kind, paid=False)
-            for sha, (_, resp) in from_cache.items():
-                have[sha] = resp
-                del missing[sha]
-        todo = list(missing.items())
+        if self.cache is None:
+            self._pay(oracle, list(missing.items()), sample, kind, chunk_size, have)
+            return [have[sha] for sha in shas]
+        owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
+        try:
+            while missing:
+                answered, mine = self.cache.claim(fp, list(missing), sample, owner)
+                from_cache = {s: (missing[s].text, r) for s, r in answered.items()}
+                self._store_put(fp, from_cache, sample, kind, paid=False)
+                for sha, (_, resp) in from_cache.items():
+                    have[sha] = resp
+                    del missing[sha]
+                self._pay(oracle, [(sha, missing.pop(sha)) for sha in mine], sample, kind,
+                          chunk_size, have)
+                self.cache.release(owner)
+                if missing:   # another buyer is paying for these: wait for its answers
+                    time.sleep(_CLAIM_POLL_S)
+        finally:
+            self.cache.release(owner)
+        return [have[sha] for sha in shas]
+
+    def _pay(self, oracle: Oracle, todo: list[tuple[str, Prompt]], sample: int, kind: str,
+             chunk_size: int, have: dict[str, str]) -> None:
+        """Ask the oracle for ``todo`` (hash, prompt) in chunks, storing each chunk's answers
+        (run store, then the shared cache) before the next; results go into ``have``."""
+        fp = oracle.fingerprint
         for part in _chunks(todo, chunk_size):
             batch = [p for _, p in part]
             try:
@@ -395,4 +475,3 @@ class Ledger(_Store):
         # answer is the run's answer (first stored wins, as in the cache)
         if todo:
             have.update(self._store_get(fp, [sha for sha, _ in todo], sample))
-        return [have[sha] for sha in shas]

@@ -302,3 +302,76 @@ def test_killed_buyer_leaves_ledger_consistent_and_resumable(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_runs_sharing_a_cache_pay_each_text_once_when_buying_at_the_same_time(tmp_path):
+    """Cells of a sweep buy side by side through one response cache: a text that two runs
+    want at the same moment is paid by one of them, the other waits for its answer."""
+    oracle = CountingOracle(delay=0.05)
+    prompts = [P(f"p{i}") for i in range(12)]
+    results, errors = {}, []
+    start = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        try:
+            cache = ResponseCache(tmp_path / "cache.sqlite")
+            with Ledger(tmp_path / f"run{i}.sqlite", budget=12, cache=cache) as led:
+                start.wait()
+                # overlapping purchases in different orders and chunkings
+                order = prompts[i:] + prompts[:i]
+                got = led.buy(oracle, order[:5]) + led.buy(oracle, order[5:])
+                results[i] = dict(zip([p.id for p in order], got)), led.paid
+            cache.close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 4
+    assert all(n == 1 for n in oracle.asked.values()) and len(oracle.asked) == 12
+    assert sum(paid for _, paid in results.values()) == 12
+    for answers, _ in results.values():
+        assert answers == {p.id: expected(p.text) for p in prompts}
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        con = cache._db.conn()
+        assert con.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+
+
+def test_a_claim_left_by_a_dead_buyer_is_taken_over(tmp_path):
+    """A buyer killed after claiming a text must not block the others for ever."""
+    import socket
+
+    from qbudget.oracles import prompt_hash
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    oracle = CountingOracle()
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        with cache._db.tx() as con:
+            con.execute("INSERT INTO claims VALUES (?, ?, 0, ?, ?)",
+                        (oracle.fingerprint, prompt_hash(P("a").text),
+                         f"{socket.gethostname()}:{pid}:x", time.time()))
+        with Ledger(tmp_path / "run.sqlite", budget=2, cache=cache) as led:
+            assert led.buy(oracle, [P("a"), P("b")]) == [expected(P("a").text),
+                                                         expected(P("b").text)]
+    assert oracle.asked == Counter({(P("a").text, 0): 1, (P("b").text, 0): 1})
+
+
+def test_a_failed_buyer_releases_its_claims(tmp_path):
+    """A purchase whose oracle fails releases its claims: another run then buys the texts."""
+    cache = ResponseCache(tmp_path / "cache.sqlite")
+    with Ledger(tmp_path / "a.sqlite", budget=4, cache=cache) as led:
+        with pytest.raises(OracleCallError):
+            led.buy(FlakyOracle(), [P("a"), P("b"), P("c"), P("d")])
+    good = CountingOracle()
+    with Ledger(tmp_path / "b.sqlite", budget=4, cache=cache) as led:
+        led.buy(good, [P("a"), P("b"), P("c"), P("d")])
+    # the flaky buyer's two answers (the first two it was asked, in purchase order) were
+    # kept in the cache; the other two are bought now
+    assert sorted(t for t, _ in good.asked) == [P("c").text, P("d").text]
+    assert cache._db.conn().execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+    cache.close()

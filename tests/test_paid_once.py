@@ -113,11 +113,6 @@ def test_sweep_cells_sharing_the_cache_pay_each_prompt_once(micro_world, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (qbudget/ledger.py): cells running side by side that buy the same prompt both "
-    "miss the shared response cache and both pay the oracle (seen: 7 of 40 prompts paid twice "
-    "with 2 workers); nothing serialises concurrent purchases of one text across cells. "
-    "Remove this mark once fixed."))
 def test_concurrent_sweep_cells_pay_each_prompt_once(micro_world, tmp_path):
     """Two workers: cells run side by side and may pick the same prompt at the same time
     (what `qbudget bench` does by default: workers = 0 means one per core)."""
