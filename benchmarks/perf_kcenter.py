@@ -1,5 +1,9 @@
 """Performance benchmark for the selection hot paths; prints one JSON object.
 
+Peers: scikit-activeml, for the k-center comparison. Get it with ``make perf-deps`` (the
+``perf`` extra: ``pip install -e '.[perf]'``); ``--skip-kcenter`` runs the committee part
+with the runtime alone.
+
 1. Greedy k-center (``strategies.diversity.k_center_greedy``) on N=50,000 random unit
    vectors (d=384) with 1,000 labeled and k=500, side by side with scikit-activeml's
    ``skactiveml.pool.k_greedy_center`` on the same data and labeled set: picks must be

@@ -1,5 +1,8 @@
 """Loop cost benchmark: linear cost in q, and the share of time outside model compute.
 
+Peers: none; it runs qbudget alone, so the runtime (``make install``) is enough. ``make
+perf`` runs it with the other scripts.
+
 Runs ``qbudget run`` (random strategy) on one world to q=256, q=1024 and q=2048 with the
 same schedule density (geometric checkpoints x4 from 16, rounds of 64 queries, the same
 steps per round), each in a fresh process after a warm-up run has filled JAX's persistent

@@ -1,5 +1,8 @@
 """Decoder performance: our flax.nnx CausalLM vs transformers (+ peft) on torch CPU.
 
+Peers: torch (CPU) and peft, next to transformers (already a runtime dependency). Get
+them with ``make perf-deps`` (the ``perf`` extra: ``pip install -e '.[perf]'``).
+
 Same Llama checkpoint (hidden 256, 4 layers, 8 heads, vocab 2048), same data, same run:
 
 - LoRA training throughput (tokens/s), batch 16 x 96, rank 8 on q/k/v/o, AdamW;

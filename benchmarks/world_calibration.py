@@ -13,11 +13,12 @@ size of ``benchmarks/default.toml``). Checks (issue 3):
   domain-technical (residual gaps where the study found them);
 * the categories with the largest base gaps include a rare category (pool share <= 3%).
 
-Prints one JSON object and writes the figures into README.md between the
+Prints one JSON object and writes the figures into docs/worlds.md (``--doc``) between the
 ``<!-- calibration:start -->`` and ``<!-- calibration:end -->`` markers.
 
     .venv/bin/python benchmarks/world_calibration.py [--worlds tiny-qwen2,tiny-llama]
-        [--budget 1000] [--out bench-out/calibration] [--no-readme] [--from-json FILE]
+        [--budget 1000] [--out bench-out/calibration] [--doc docs/worlds.md] [--no-doc]
+        [--from-json FILE]
 """
 
 from __future__ import annotations
@@ -138,14 +139,18 @@ def readme_section(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str, path: Path = ROOT / "README.md") -> None:
+DOC = ROOT / "docs" / "worlds.md"
+
+
+def write_doc(section: str, path: Path = DOC) -> None:
+    """Replace the calibration section of ``path`` (docs/worlds.md), or append one."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if START in text and END in text:
         head, rest = text.split(START, 1)
         tail = rest.split(END, 1)[1]
         text = head + section + tail
     else:
-        text = text.rstrip("\n") + "\n\n## World calibration\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n## Calibration\n\n" + section + "\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -157,7 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "calibration")
-    ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--doc", type=Path, default=DOC, help="page whose calibration section is "
+                    "rewritten (default: docs/worlds.md)")
+    ap.add_argument("--no-doc", "--no-readme", dest="no_doc", action="store_true",
+                    help="only print the JSON")
     ap.add_argument("--from-json", type=Path, help="re-check and re-render a previous run's JSON "
                     "output instead of running again")
     args = ap.parse_args(argv)
@@ -167,8 +175,8 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         results = [calibrate(n, args.budget, args.out, args.seed) for n in args.worlds.split(",")]
     print(json.dumps(results, indent=2))
-    if not args.no_readme:
-        write_readme(readme_section(results))
+    if not args.no_doc:
+        write_doc(readme_section(results), args.doc)
     return 0
 
 

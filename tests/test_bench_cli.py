@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,3 +187,46 @@ def test_bad_bench_configs_exit_2(tmp_path, body, needle):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert not out.exists()
+
+
+# One cell, one round: enough for the plain progress lines of a sweep nobody watches.
+ONE_CELL = """
+workers = 1
+[grid]
+worlds = ["micro"]
+strategies = ["random"]
+seeds = [0]
+baseline = "random"
+[run.budget]
+total = 16
+round_size = 16
+checkpoints = [16]
+[run.distill]
+steps_per_round = 2
+batch_size = 8
+[run.eval]
+adversaries = ["ngram"]
+ceiling = false
+"""
+
+
+@pytest.mark.slow
+def test_bench_prints_plain_progress_lines_when_stdout_is_not_a_terminal(micro_world, tmp_path):
+    cfg = tmp_path / "one.toml"
+    cfg.write_text(ONE_CELL)
+    out = tmp_path / "out"
+    # stdout is a pipe, not a TTY (as in `make bench > log`), and no --quiet
+    proc = subprocess.run([sys.executable, "-m", "qbudget", "bench", str(cfg), "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    stamp = r"^\[\s*\d+(m\d\ds|s)\] "
+    tail = r" \| cells \d+/1 done \| ETA (–|~\S+|0s)$"
+    cell = "micro__random__seed0"
+    assert any(re.match(stamp + r"bench: 1 cells \(0 already done\)", x) for x in lines), proc.stdout
+    progress = [x for x in lines if re.match(stamp + re.escape(cell) + r" q=\d+/16.*" + tail, x)]
+    assert progress, proc.stdout
+    done = [x for x in lines if re.match(stamp + "done " + re.escape(cell) + r" \(q=16.*" + tail, x)]
+    assert len(done) == 1 and "cells 1/1 done" in done[0], proc.stdout
+    assert "\x1b[" not in proc.stdout          # plain text, no terminal control codes
+    assert re.search(r"^bench done: 1 cells .* -> .*out$", proc.stdout, re.M), proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -57,17 +58,24 @@ def bench_command(
     _report(cfg, out, console)
     wall = time.perf_counter() - t0
     console.print(f"[bold]bench done[/bold]: {outcome.cells} cells ({outcome.skipped} already done) "
-                  f"wall {wall:.0f} s, peak memory {peak_memory_mb():.0f} MB -> {out}")
+                  f"wall {wall:.0f} s, peak memory {peak_memory_mb():.0f} MB -> {out}", soft_wrap=True)
 
 
 def _run_with_progress(cfg, out: Path, executor: str, console, quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    """Run the sweep with a live display: a rich progress bar on a terminal, plain
+    throttled lines when stdout is a file or a pipe (``make bench > log``), none with
+    ``--quiet``."""
     from qbudget.sweep import run_sweep
+
+    if quiet:
+        return run_sweep(cfg, out, executor=executor)
+    if not console.is_terminal:
+        return run_sweep(cfg, out, executor=executor, on_event=PlainProgress(cfg, out))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, disable=quiet) as progress:
+                  console=console) as progress:
         task = progress.add_task("cells", total=len(cfg.cells()), info="")
         current: dict[str, str] = {}
 
@@ -84,6 +92,91 @@ def _run_with_progress(cfg, out: Path, executor: str, console, quiet: bool):
                 progress.update(task, info=" | ".join(current.values()))
 
         return run_sweep(cfg, out, executor=executor, on_event=on_event)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class PlainProgress:
+    """Sweep events as plain lines on stdout, for logs nobody watches live.
+
+    One line when the sweep starts and when its worlds are ready, one per finished cell,
+    and for a running cell at most one every ``every`` seconds (its first event always
+    shows). Each line has the elapsed time, the cell, its q of the budget, its last
+    measured max advantage, the cells done and an ETA from the share of queries done
+    (all cells still to run; early figures include compilation and the q = 0 evaluation,
+    so the ETA starts high).
+    """
+
+    def __init__(self, cfg, out: Path, every: float = 10.0, write=None):
+        from qbudget.sweep import CELLS_DIR, cell_done, cell_name
+
+        self.every = every
+        self.write = write or (lambda line: print(line, flush=True))
+        self.budget = {cell_name(c): int(c.budget.total) for c in cfg.cells()}
+        self.todo = {n for n in self.budget if not cell_done(out / CELLS_DIR / n)}
+        self.total_q = sum(self.budget[n] for n in self.todo) or 1
+        self.cells = len(self.budget)
+        self.done = len(self.budget) - len(self.todo)
+        self.q: dict[str, int] = {}
+        self.adv: dict[str, tuple[int, float]] = {}   # cell -> (q, last max advantage)
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    def _eta(self, now: float) -> str:
+        frac = sum(min(q, self.budget.get(n, q)) for n, q in self.q.items()) / self.total_q
+        if frac <= 0:
+            return "ETA –"
+        if frac >= 1:
+            return "ETA 0s"
+        return f"ETA ~{_clock((now - self.t0) * (1 - frac) / frac)}"
+
+    def _adv(self, cell: str) -> str:
+        if cell not in self.adv:
+            return ""
+        q, value = self.adv[cell]
+        return f" adv {value:.2f}" + ("" if q == self.q.get(cell) else f" at q={q}")
+
+    def _line(self, now: float, text: str) -> None:
+        self.write(f"[{_clock(now - self.t0):>8}] {text} | cells {self.done}/{self.cells} done "
+                   f"| {self._eta(now)}")
+
+    def __call__(self, ev: dict) -> None:
+        now = time.monotonic()
+        kind = ev["event"]
+        if kind == "start":
+            self.done = ev["skipped"]
+            self._line(now, f"bench: {ev['cells']} cells ({ev['skipped']} already done), "
+                            "preparing worlds")
+        elif kind == "prewarmed":
+            self._line(now, f"worlds ready: {', '.join(map(str, ev.get('worlds', [])))}")
+        elif kind == "progress":
+            cell = ev["cell"]
+            self.first.setdefault(cell, now)
+            self.q[cell] = int(ev.get("q") or 0)
+            if ev.get("advantage") is not None:
+                self.adv[cell] = (self.q[cell], float(ev["advantage"]))
+            if now - self.last.get(cell, -math.inf) < self.every:
+                return
+            self.last[cell] = now
+            adv = self._adv(cell)
+            budget = self.budget.get(cell)
+            self._line(now, f"{cell} q={self.q[cell]}" + (f"/{budget}" if budget else "") + adv
+                       + f" ({_clock(now - self.first[cell])} in cell)")
+        elif kind == "cell_done":
+            cell = ev["cell"]
+            if cell in self.budget:
+                self.q[cell] = self.budget[cell]
+            self.done += 1
+            secs = ev.get("seconds")
+            adv = self._adv(cell).replace(" adv", ", adv", 1)
+            self._line(now, f"done {cell} (q={ev.get('q', self.q.get(cell, 0))}{adv}"
+                            + (f", {_clock(secs)}" if secs is not None else "") + ")")
 
 
 def _report(cfg, out: Path, console) -> None:
