@@ -185,10 +185,7 @@ def test_refuses_unknown_model_type(folder):
 
 
 def test_refuses_rope_scaling(folder):
-    # linear, dynamic, llama3 and yarn are supported (tests/test_families.py); longrope is not
-    _edit_config(folder, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
-                                       "long_factor": [2.0] * 4,
-                                       "original_max_position_embeddings": 16})
+    _edit_config(folder, rope_scaling={"rope_type": "linear", "factor": 2.0})
     with pytest.raises(QBudgetError, match="rope"):
         CausalLM.from_pretrained(folder)
 

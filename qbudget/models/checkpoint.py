@@ -1,15 +1,14 @@
 """Hugging Face checkpoint folders <-> :class:`~qbudget.models.decoder.CausalLM`.
 
-The key mapping is data (each family's table in ``families.py``: HF key template -> path
-in our module, whether to transpose), in the spirit of google/tunix loaders. Loading builds
-the model abstractly with ``nnx.eval_shape`` (shapes only, no weights), then fills each
-leaf from the safetensors files one tensor at a time — weights are materialised once.
+The key mapping is data (``KEY_TABLE``: regex on the HF key -> path in our module,
+whether to transpose), in the spirit of google/tunix loaders. Loading builds the model
+abstractly with ``nnx.eval_shape`` (shapes only, no weights), then fills each leaf from
+the safetensors files one tensor at a time — weights are materialised once.
 
 Supported layouts: a single ``model.safetensors``, or sharded ``*.safetensors`` with a
 ``model.safetensors.index.json``. ``save_pretrained`` writes ``config.json`` +
-``model.safetensors`` that the family's transformers class (``LlamaForCausalLM``,
-``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) loads directly (LoRA
-adapters, if attached, are folded into the saved weights; use
+``model.safetensors`` that transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+load directly (LoRA adapters, if attached, are folded into the saved weights; use
 ``qbudget.models.lora.save_adapter`` to save them separately).
 """
 
@@ -25,44 +24,42 @@ import numpy as np
 from flax import nnx
 
 from qbudget.errors import QBudgetError
-from qbudget.models.decoder import CausalLM, DecoderSpec
-from qbudget.models.families import ALL_KEYS, PLACEHOLDERS, family
-from qbudget.models.lora import lora_block, lora_linears
+from qbudget.models.decoder import SUPPORTED_MODEL_TYPES, CausalLM, DecoderSpec
+from qbudget.models.lora import ATTN_TARGETS, MLP_TARGETS, lora_block, lora_linears
 
-#: Every family's HF key <-> module path table together: (HF key template, our path
-#: template, transpose); see ``families.py`` for each family's own.
-KEY_TABLE: tuple[tuple[str, str, bool], ...] = ALL_KEYS
+#: The HF key <-> module path table: (HF key template, our path template, transpose).
+#: Placeholders: {layer} a layer index, {attn} / {mlp} a projection name of that block.
+KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("model.embed_tokens.weight", "model.embed_tokens.embedding", False),
+    ("model.layers.{layer}.self_attn.{attn}.weight", "model.layers.{layer}.self_attn.{attn}.kernel", True),
+    ("model.layers.{layer}.self_attn.{attn}.bias", "model.layers.{layer}.self_attn.{attn}.bias", False),
+    ("model.layers.{layer}.mlp.{mlp}.weight", "model.layers.{layer}.mlp.{mlp}.kernel", True),
+    ("model.layers.{layer}.mlp.{mlp}.bias", "model.layers.{layer}.mlp.{mlp}.bias", False),
+    ("model.layers.{layer}.input_layernorm.weight", "model.layers.{layer}.input_layernorm.scale", False),
+    ("model.layers.{layer}.post_attention_layernorm.weight",
+     "model.layers.{layer}.post_attention_layernorm.scale", False),
+    ("model.norm.weight", "model.norm.scale", False),
+    ("lm_head.weight", "lm_head.kernel", True),
+)
+_PLACEHOLDERS = {"layer": r"\d+", "attn": "|".join(ATTN_TARGETS), "mlp": "|".join(MLP_TARGETS)}
 #: HF keys that carry no weights we need (buffers some exporters write).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq\Z")
 
 
 def _template_regex(template: str) -> re.Pattern:
     rx = re.escape(template)
-    for name, alt in PLACEHOLDERS.items():
+    for name, alt in _PLACEHOLDERS.items():
         rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alt})")
     return re.compile(rx + r"\Z")
 
 
-def _compile(table):
-    return (tuple((_template_regex(hf), ours, tr) for hf, ours, tr in table),
-            tuple((_template_regex(ours), hf, tr) for hf, ours, tr in table))
+_FORWARD = tuple((_template_regex(hf), ours, tr) for hf, ours, tr in KEY_TABLE)
+_BACKWARD = tuple((_template_regex(ours), hf, tr) for hf, ours, tr in KEY_TABLE)
 
 
-_TABLES: dict[str | None, tuple] = {}
-
-
-def _tables(model_type: str | None):
-    """(forward, backward) compiled regexes of a family's key table (None: all families)."""
-    if model_type not in _TABLES:
-        _TABLES[model_type] = _compile(KEY_TABLE if model_type is None
-                                       else family(model_type).keys)
-    return _TABLES[model_type]
-
-
-def hf_to_path(key: str, model_type: str | None = None) -> tuple[tuple, bool] | None:
-    """Our state path (tuple, ints for layer indices) and transpose flag for an HF key
-    (in ``model_type``'s table; every family's when None)."""
-    for rx, template, transpose in _tables(model_type)[0]:
+def hf_to_path(key: str) -> tuple[tuple, bool] | None:
+    """Our state path (tuple, ints for layer indices) and transpose flag for an HF key."""
+    for rx, template, transpose in _FORWARD:
         m = rx.match(key)
         if m:
             parts = template.format(**m.groupdict()).split(".")
@@ -70,10 +67,10 @@ def hf_to_path(key: str, model_type: str | None = None) -> tuple[tuple, bool] | 
     return None
 
 
-def path_to_hf(path: tuple, model_type: str | None = None) -> tuple[str, bool] | None:
+def path_to_hf(path: tuple) -> tuple[str, bool] | None:
     """Inverse of :func:`hf_to_path` for base (non-LoRA) parameters."""
     dotted = ".".join(str(p) for p in path)
-    for rx, template, transpose in _tables(model_type)[1]:
+    for rx, template, transpose in _BACKWARD:
         m = rx.match(dotted)
         if m:
             return template.format(**m.groupdict()), transpose
@@ -92,14 +89,17 @@ def load_config(path):
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QBudgetError(f"malformed {cfg_file}: {e}") from None
-    family(raw.get("model_type"), f" in {cfg_file}")
+    mt = raw.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise QBudgetError(f"unsupported model_type {mt!r} in {cfg_file}; supported: "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if raw.get("rope_scaling"):
+        raise QBudgetError(f"unsupported rope_scaling {raw['rope_scaling']!r} in {cfg_file}; "
+                           "supported: null (default rope)")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    try:
-        DecoderSpec.from_config(config)
-    except QBudgetError as e:
-        raise QBudgetError(f"{e} (in {cfg_file})") from None
+    DecoderSpec.from_config(config)
     return config
 
 
@@ -116,7 +116,7 @@ def _weight_files(path: Path) -> list[Path]:
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise QBudgetError(f"shard(s) listed in {index} are missing: {', '.join(missing)}")
+            raise QBudgetError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
         return files
     shards = sorted(path.glob("*.safetensors"))
     if shards:
@@ -132,7 +132,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
-    """Read an HF Llama/Mistral/Qwen2/Qwen3 folder into a :class:`CausalLM` (weights cast to ``dtype``)."""
+    """Read an HF Llama/Qwen2 folder into a :class:`CausalLM` (weights cast to ``dtype``)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -146,7 +146,7 @@ def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
     for f in files:
         with safe_open(str(f), framework="numpy") as sf:
             for key in sf.keys():
-                target = hf_to_path(key, config.model_type)
+                target = hf_to_path(key)
                 if target is None:
                     if _IGNORED.match(key):
                         continue
@@ -170,9 +170,7 @@ def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
                 del arr
     missing = [p for p in expected if p not in filled]
     if missing:
-        mt = config.model_type
-        names = [path_to_hf(p, mt)[0] if path_to_hf(p, mt) else ".".join(map(str, p))
-                 for p in missing]
+        names = [path_to_hf(p)[0] if path_to_hf(p) else ".".join(map(str, p)) for p in missing]
         raise QBudgetError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {names[0]!r}")
     for p, v in filled.items():
         _set(shapes, p, v)
@@ -207,7 +205,7 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
     for p, v in _flatten(state):
         if "lora" in p:
             continue
-        hf = path_to_hf(p, model.spec.model_type)
+        hf = path_to_hf(p)
         if hf is None:
             raise RuntimeError(f"no HF name for parameter {p}")
         key, transpose = hf
@@ -223,7 +221,8 @@ def save_pretrained(model: CausalLM, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    config.architectures = [family(config.model_type).architecture]
+    config.architectures = ["Qwen2ForCausalLM" if config.model_type == "qwen2"
+                            else "LlamaForCausalLM"]
     config.dtype = model.dtype
     config.save_pretrained(str(path))
     tensors = effective_weights(model)
