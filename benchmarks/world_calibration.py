@@ -24,7 +24,6 @@ Prints one JSON object and writes the figures into docs/worlds.md (``--doc``) be
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys

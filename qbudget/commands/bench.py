@@ -47,7 +47,6 @@ def bench_command(
     from rich.console import Console
 
     from qbudget.config import load_bench_config
-    from qbudget.sweep import run_sweep
 
     if executor not in ("local", "ray"):
         raise QBudgetError(f"unknown executor '{executor}' (known: local, ray)")

@@ -130,7 +130,7 @@ def eval_config_from_flags(config_file: Path | None, *, adversaries: str | None,
                            probe_subset: int | None, ceiling: bool | None):
     """The evaluation config and seed: a run TOML's ``[eval]`` (or the defaults, without the
     ceiling) with the flags given on top. Returns ``(EvalConfig, seed)``."""
-    from qbudget.config import EvalConfig, from_dict
+    from qbudget.config import EvalConfig
 
     if config_file is not None:
         run = _run_config(config_file)
@@ -158,18 +158,7 @@ def eval_config_from_flags(config_file: Path | None, *, adversaries: str | None,
         sub = replace(sub, **({"q": q} if q is not None else {}),
                       **({"t": t} if t is not None else {}))
         config = replace(config, **{name: sub})
-    # the same validation a run TOML's [eval] table gets
-    return from_dict(EvalConfig, _as_table(config), prefix="eval."), seed
-
-
-def _as_table(config) -> dict:
-    import dataclasses
-
-    table = dataclasses.asdict(config)
-    table["adversaries"] = list(config.adversaries)
-    for name in ("ngram", "embed", "pairwise", "finetune"):
-        table[name] = {k: v for k, v in table[name].items() if v is not None}
-    return table
+    return config, seed
 
 
 def register(app: typer.Typer) -> None:
