@@ -185,7 +185,10 @@ def test_refuses_unknown_model_type(folder):
 
 
 def test_refuses_rope_scaling(folder):
-    _edit_config(folder, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    # linear, dynamic, llama3 and yarn are supported (tests/test_families.py); longrope is not
+    _edit_config(folder, rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                       "long_factor": [2.0] * 4,
+                                       "original_max_position_embeddings": 16})
     with pytest.raises(QBudgetError, match="rope"):
         CausalLM.from_pretrained(folder)
 

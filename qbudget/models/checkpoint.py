@@ -1,14 +1,16 @@
 """Hugging Face checkpoint folders <-> :class:`~qbudget.models.decoder.CausalLM`.
 
-The key mapping is data (``KEY_TABLE``: regex on the HF key -> path in our module,
-whether to transpose), in the spirit of google/tunix loaders. Loading builds the model
-abstractly with ``nnx.eval_shape`` (shapes only, no weights), then fills each leaf from
-the safetensors files one tensor at a time — weights are materialised once.
+The key mapping is data (each family's table in ``families.py``: HF key template -> path
+in our module, whether to transpose), in the spirit of google/tunix loaders. Loading builds
+the model abstractly with ``nnx.eval_shape`` (shapes only, no weights), then fills each
+leaf from the safetensors files one tensor at a time, chunk by chunk
+(``safetensors_stream.py``): float32, float16 or bfloat16 files, weights materialised once.
 
 Supported layouts: a single ``model.safetensors``, or sharded ``*.safetensors`` with a
 ``model.safetensors.index.json``. ``save_pretrained`` writes ``config.json`` +
-``model.safetensors`` that transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
-load directly (LoRA adapters, if attached, are folded into the saved weights; use
+``model.safetensors`` that the family's transformers class (``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) loads directly (LoRA
+adapters, if attached, are folded into the saved weights; use
 ``qbudget.models.lora.save_adapter`` to save them separately).
 """
 
@@ -24,42 +26,45 @@ import numpy as np
 from flax import nnx
 
 from qbudget.errors import QBudgetError
-from qbudget.models.decoder import SUPPORTED_MODEL_TYPES, CausalLM, DecoderSpec
-from qbudget.models.lora import ATTN_TARGETS, MLP_TARGETS, lora_block, lora_linears
+from qbudget.models.decoder import CausalLM, DecoderSpec
+from qbudget.models.families import ALL_KEYS, PLACEHOLDERS, family
+from qbudget.models.lora import lora_block, lora_linears
+from qbudget.models.safetensors_stream import load_tensor, read_header
 
-#: The HF key <-> module path table: (HF key template, our path template, transpose).
-#: Placeholders: {layer} a layer index, {attn} / {mlp} a projection name of that block.
-KEY_TABLE: tuple[tuple[str, str, bool], ...] = (
-    ("model.embed_tokens.weight", "model.embed_tokens.embedding", False),
-    ("model.layers.{layer}.self_attn.{attn}.weight", "model.layers.{layer}.self_attn.{attn}.kernel", True),
-    ("model.layers.{layer}.self_attn.{attn}.bias", "model.layers.{layer}.self_attn.{attn}.bias", False),
-    ("model.layers.{layer}.mlp.{mlp}.weight", "model.layers.{layer}.mlp.{mlp}.kernel", True),
-    ("model.layers.{layer}.mlp.{mlp}.bias", "model.layers.{layer}.mlp.{mlp}.bias", False),
-    ("model.layers.{layer}.input_layernorm.weight", "model.layers.{layer}.input_layernorm.scale", False),
-    ("model.layers.{layer}.post_attention_layernorm.weight",
-     "model.layers.{layer}.post_attention_layernorm.scale", False),
-    ("model.norm.weight", "model.norm.scale", False),
-    ("lm_head.weight", "lm_head.kernel", True),
-)
-_PLACEHOLDERS = {"layer": r"\d+", "attn": "|".join(ATTN_TARGETS), "mlp": "|".join(MLP_TARGETS)}
+#: Every family's HF key <-> module path table together: (HF key template, our path
+#: template, transpose); see ``families.py`` for each family's own.
+KEY_TABLE: tuple[tuple[str, str, bool], ...] = ALL_KEYS
 #: HF keys that carry no weights we need (buffers some exporters write).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq\Z")
 
 
 def _template_regex(template: str) -> re.Pattern:
     rx = re.escape(template)
-    for name, alt in _PLACEHOLDERS.items():
+    for name, alt in PLACEHOLDERS.items():
         rx = rx.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alt})")
     return re.compile(rx + r"\Z")
 
 
-_FORWARD = tuple((_template_regex(hf), ours, tr) for hf, ours, tr in KEY_TABLE)
-_BACKWARD = tuple((_template_regex(ours), hf, tr) for hf, ours, tr in KEY_TABLE)
+def _compile(table):
+    return (tuple((_template_regex(hf), ours, tr) for hf, ours, tr in table),
+            tuple((_template_regex(ours), hf, tr) for hf, ours, tr in table))
 
 
-def hf_to_path(key: str) -> tuple[tuple, bool] | None:
-    """Our state path (tuple, ints for layer indices) and transpose flag for an HF key."""
-    for rx, template, transpose in _FORWARD:
+_TABLES: dict[str | None, tuple] = {}
+
+
+def _tables(model_type: str | None):
+    """(forward, backward) compiled regexes of a family's key table (None: all families)."""
+    if model_type not in _TABLES:
+        _TABLES[model_type] = _compile(KEY_TABLE if model_type is None
+                                       else family(model_type).keys)
+    return _TABLES[model_type]
+
+
+def hf_to_path(key: str, model_type: str | None = None) -> tuple[tuple, bool] | None:
+    """Our state path (tuple, ints for layer indices) and transpose flag for an HF key
+    (in ``model_type``'s table; every family's when None)."""
+    for rx, template, transpose in _tables(model_type)[0]:
         m = rx.match(key)
         if m:
             parts = template.format(**m.groupdict()).split(".")
@@ -67,10 +72,10 @@ def hf_to_path(key: str) -> tuple[tuple, bool] | None:
     return None
 
 
-def path_to_hf(path: tuple) -> tuple[str, bool] | None:
+def path_to_hf(path: tuple, model_type: str | None = None) -> tuple[str, bool] | None:
     """Inverse of :func:`hf_to_path` for base (non-LoRA) parameters."""
     dotted = ".".join(str(p) for p in path)
-    for rx, template, transpose in _BACKWARD:
+    for rx, template, transpose in _tables(model_type)[1]:
         m = rx.match(dotted)
         if m:
             return template.format(**m.groupdict()), transpose
@@ -89,17 +94,14 @@ def load_config(path):
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise QBudgetError(f"malformed {cfg_file}: {e}") from None
-    mt = raw.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise QBudgetError(f"unsupported model_type {mt!r} in {cfg_file}; supported: "
-                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if raw.get("rope_scaling"):
-        raise QBudgetError(f"unsupported rope_scaling {raw['rope_scaling']!r} in {cfg_file}; "
-                           "supported: null (default rope)")
+    family(raw.get("model_type"), f" in {cfg_file}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    DecoderSpec.from_config(config)
+    try:
+        DecoderSpec.from_config(config)
+    except QBudgetError as e:
+        raise QBudgetError(f"{e} (in {cfg_file})") from None
     return config
 
 
@@ -116,7 +118,7 @@ def _weight_files(path: Path) -> list[Path]:
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise QBudgetError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
+            raise QBudgetError(f"shard(s) listed in {index} are missing: {', '.join(missing)}")
         return files
     shards = sorted(path.glob("*.safetensors"))
     if shards:
@@ -132,9 +134,13 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
-    """Read an HF Llama/Qwen2 folder into a :class:`CausalLM` (weights cast to ``dtype``)."""
-    from safetensors import safe_open
+    """Read an HF Llama/Mistral/Qwen2/Qwen3 folder into a :class:`CausalLM`.
 
+    ``dtype`` is the compute dtype of the (frozen) weights: float32, or bfloat16 on an
+    accelerator. The files may hold float32, float16 or bfloat16 tensors; each is read
+    and converted chunk by chunk into its final array (``safetensors_stream``), so loading
+    needs the final weights plus one chunk of memory.
+    """
     path = Path(path)
     config = load_config(path)
     files = _weight_files(path)
@@ -144,9 +150,11 @@ def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
     expected = {tuple(p): leaf for p, leaf in _flatten(shapes)}
     filled: dict[tuple, jax.Array] = {}
     for f in files:
-        with safe_open(str(f), framework="numpy") as sf:
-            for key in sf.keys():
-                target = hf_to_path(key)
+        entries = read_header(f)
+        with open(f, "rb") as fh:
+            for entry in entries:
+                key = entry.name
+                target = hf_to_path(key, config.model_type)
                 if target is None:
                     if _IGNORED.match(key):
                         continue
@@ -157,34 +165,41 @@ def load_pretrained(path, dtype=jnp.float32) -> CausalLM:
                     if p[0] == "lm_head" and config.tie_word_embeddings:
                         continue   # tied: some exporters still write lm_head.weight
                     raise QBudgetError(f"unexpected tensor {key!r} in {f.name} for this config")
-                arr = _read(sf, key)
-                if transpose:
-                    arr = arr.T
                 want = expected[p]
-                if tuple(arr.shape) != tuple(want.shape):
+                shape = entry.shape[::-1] if transpose else entry.shape
+                if tuple(shape) != tuple(want.shape):
                     raise QBudgetError(f"shape mismatch for {key!r} in {f.name}: checkpoint has "
-                                       f"{tuple(arr.shape[::-1] if transpose else arr.shape)}, "
-                                       f"config implies "
+                                       f"{tuple(entry.shape)}, config implies "
                                        f"{tuple(want.shape[::-1] if transpose else want.shape)}")
-                filled[p] = jnp.asarray(arr, dtype=want.dtype)
-                del arr
+                filled[p] = load_tensor(fh, entry, want.dtype, transpose=transpose)
     missing = [p for p in expected if p not in filled]
     if missing:
-        names = [path_to_hf(p)[0] if path_to_hf(p) else ".".join(map(str, p)) for p in missing]
+        mt = config.model_type
+        names = [path_to_hf(p, mt)[0] if path_to_hf(p, mt) else ".".join(map(str, p))
+                 for p in missing]
         raise QBudgetError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {names[0]!r}")
     for p, v in filled.items():
         _set(shapes, p, v)
     nnx.replace_by_pure_dict(state, shapes)
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    model.generation_eos = generation_eos_ids(path)
+    return model
 
 
-def _read(sf, key: str) -> np.ndarray:
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The eos ids of a folder's ``generation_config.json`` (transformers' ``generate``
+    stops at these; instruct checkpoints often list more there than in config.json)."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return ()
     try:
-        return sf.get_tensor(key)
-    except (TypeError, ValueError):
-        # bfloat16 has no numpy dtype: refuse with a clear message rather than a traceback.
-        raise QBudgetError(f"cannot read tensor {key!r} as numpy (bfloat16?); "
-                           "convert the checkpoint to float32/float16") from None
+        ids = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise QBudgetError(f"malformed {f}: {e}") from None
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise QBudgetError(f"malformed {f}: eos_token_id must be an integer or a list of them")
+    return tuple(ids)
 
 
 def _flatten(tree, prefix=()):
@@ -205,7 +220,7 @@ def effective_weights(model: CausalLM) -> dict[str, np.ndarray]:
     for p, v in _flatten(state):
         if "lora" in p:
             continue
-        hf = path_to_hf(p)
+        hf = path_to_hf(p, model.spec.model_type)
         if hf is None:
             raise RuntimeError(f"no HF name for parameter {p}")
         key, transpose = hf
@@ -221,8 +236,7 @@ def save_pretrained(model: CausalLM, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    config.architectures = ["Qwen2ForCausalLM" if config.model_type == "qwen2"
-                            else "LlamaForCausalLM"]
+    config.architectures = [family(config.model_type).architecture]
     config.dtype = model.dtype
     config.save_pretrained(str(path))
     tensors = effective_weights(model)

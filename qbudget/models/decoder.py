@@ -1,13 +1,16 @@
-"""Decoder-only transformer (Llama and Qwen2 families) in flax.nnx.
+"""Decoder-only transformer (Llama, Mistral, Qwen2 and Qwen3 families) in flax.nnx.
 
 Why our own: transformers 5 ships no Flax models, and the student, the embedded
 teachers and the committee all run forward/backward passes thousands of times on a
 CPU, so the model has to be a plain JAX function XLA can compile. The architecture is
-the one both families share — RMSNorm, rotary embeddings (``rope_theta`` from the
-config, the "default" rope type only), grouped-query attention, SwiGLU MLP — with the
-two differences that matter: Qwen2 puts biases on q/k/v, and embeddings may be tied
-to the output head. Module attribute names follow the Hugging Face parameter names
-(``layers[i].self_attn.q_proj``), so the checkpoint table in ``checkpoint.py`` is short.
+the one the families share — RMSNorm, rotary embeddings, grouped-query attention,
+SwiGLU MLP, optionally tied embeddings. What differs per family (biases on q/k/v, o or
+the MLP; Qwen3's per-head q/k RMSNorm; which config field switches a sliding window on)
+is data in ``families.py``; the rotary variants (default, linear, dynamic, llama3, yarn)
+are computed once on the host in ``rope.py``. Module attribute names follow the Hugging
+Face parameter names (``layers[i].self_attn.q_proj``), so the checkpoint key map is short.
+Checkpoint I/O lives in ``checkpoint.py`` (``from_pretrained``/``save_pretrained`` below
+only forward to it).
 
 Positions come from the attention mask (``cumsum(mask) - 1``), as transformers'
 ``generate`` does, so a left-padded row gives the same logits as the unpadded row.
@@ -31,11 +34,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qbudget.errors import QBudgetError
+from qbudget.models.families import family
+from qbudget.models.rope import rope_from_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,34 +62,20 @@ class DecoderSpec:
     o_bias: bool
     mlp_bias: bool
     initializer_range: float = 0.02
+    qk_norm: bool = False                       # Qwen3: RMSNorm(head_dim) on q, k before rotary
+    rope_type: str = "default"
+    rope_inv_freq: tuple[float, ...] | None = None   # None: default rope, computed in-graph
+    rope_attention_scale: float = 1.0           # yarn's factor on cos/sin
+    rope_max_len: int | None = None             # dynamic rope: longest sequence it holds for
 
     @classmethod
     def from_config(cls, config) -> "DecoderSpec":
         """Validate a transformers config; refuse what this implementation does not compute."""
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise QBudgetError(f"unsupported model_type {mt!r}; supported: "
-                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        fam = family(getattr(config, "model_type", None))
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise QBudgetError(f"unsupported hidden_act {act!r}; supported: silu")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if isinstance(rope, dict) and "rope_type" not in rope and len(rope) and all(
-                isinstance(v, dict) for v in rope.values()):
-            raise QBudgetError("unsupported rope_parameters (per-layer-type rope); supported: "
-                               "rope_type 'default'")
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-        if rope_type != "default":
-            raise QBudgetError(f"unsupported rope_scaling / rope_type {rope_type!r}; "
-                               "supported: 'default' (no rope scaling)")
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
-        if getattr(config, "use_sliding_window", False):
-            raise QBudgetError("unsupported use_sliding_window=true; supported: false "
-                               "(full attention only)")
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise QBudgetError(f"unsupported layer_types {sorted(set(layer_types))}; "
-                               "supported: full_attention")
+        _check_sliding_window(config, fam)
         if getattr(config, "pretraining_tp", 1) not in (1, None):
             raise QBudgetError("unsupported pretraining_tp != 1; supported: 1")
         heads = int(config.num_attention_heads)
@@ -92,19 +83,49 @@ class DecoderSpec:
         if heads % kv:
             raise QBudgetError(f"num_attention_heads={heads} is not a multiple of "
                                f"num_key_value_heads={kv}")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        qwen = mt == "qwen2"
-        attn_bias = bool(getattr(config, "attention_bias", False))
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        if head_dim % 2:
+            raise QBudgetError(f"unsupported odd head_dim={head_dim}; rotary needs an even one")
+        rope = rope_from_config(config, head_dim)
         return cls(
-            model_type=mt, vocab_size=int(config.vocab_size), hidden_size=int(config.hidden_size),
-            intermediate_size=int(config.intermediate_size),
+            model_type=fam.model_type, vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size), intermediate_size=int(config.intermediate_size),
             num_layers=int(config.num_hidden_layers), num_heads=heads, num_kv_heads=kv,
-            head_dim=int(head_dim), rms_norm_eps=float(config.rms_norm_eps),
-            rope_theta=float(theta),
+            head_dim=head_dim, rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=rope.theta,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=qwen or attn_bias, o_bias=(not qwen) and attn_bias,
-            mlp_bias=(not qwen) and bool(getattr(config, "mlp_bias", False)),
-            initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02))
+            qkv_bias=fam.switch(config, fam.qkv_bias), o_bias=fam.switch(config, fam.o_bias),
+            mlp_bias=fam.switch(config, fam.mlp_bias),
+            initializer_range=float(getattr(config, "initializer_range", 0.02) or 0.02),
+            qk_norm=fam.qk_norm, rope_type=rope.rope_type, rope_inv_freq=rope.inv_freq,
+            rope_attention_scale=rope.attention_scale, rope_max_len=rope.max_len)
+
+
+def _check_sliding_window(config, fam) -> None:
+    """Accept sliding-window attention only where it cannot change the result: no window
+    (null) or one at least ``max_position_embeddings`` long. Everything else is refused with
+    the field and value named (the window itself is not implemented)."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise QBudgetError(f"unsupported layer_types {unknown}; supported: full_attention "
+                           "(and sliding_attention with a window >= max_position_embeddings)")
+    if not fam.has_sliding_window:
+        if "sliding_attention" in layer_types:
+            raise QBudgetError(f"unsupported layer_types sliding_attention for model_type "
+                               f"{fam.model_type!r}; supported: full_attention")
+        return
+    switch = fam.sliding_window_switch
+    on = bool(getattr(config, switch, False)) if switch else True
+    on = on or "sliding_attention" in layer_types
+    window = getattr(config, "sliding_window", None)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if not on or window is None or (max_pos is not None and int(window) >= int(max_pos)):
+        return
+    field = f"{switch}=true with sliding_window={window}" if switch else f"sliding_window={window}"
+    raise QBudgetError(f"unsupported {field} (< max_position_embeddings={max_pos}): sliding-window "
+                       "attention is not implemented; supported: sliding_window null or >= "
+                       f"max_position_embeddings" + (f", or {switch}=false" if switch else ""))
 
 
 class _Opaque:
@@ -150,7 +171,7 @@ class Linear(nnx.Module):
         else:
             y = x @ self.kernel[...]
             if self.lora is not None:
-                y = y + self.lora_scale * self.lora(x)
+                y = y + lora_delta(self, x, y.dtype)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -170,10 +191,24 @@ def merge_lora_branch(x, linears) -> bool:
     skinny form is cheaper than rebuilding the weight, so it stays. Same math either way
     (float32 rounding differs by ~1e-6 relative).
     """
+    if any(lin.kernel[...].dtype != jnp.float32 for lin in linears):
+        return False   # a low-precision base: see lora_delta
     rows = 1
     for n in x.shape[:-1]:
         rows *= n
     return rows >= max(max(lin.in_features, lin.out_features) for lin in linears)
+
+
+def lora_delta(lin: Linear, x, out_dtype):
+    """``scale * x A B`` in the adapter's dtype (float32), cast to the base output's dtype.
+
+    Why never merged into a bfloat16 kernel: a fresh adapter's update (B starts at 0,
+    learning rate ~3e-4) is far below bfloat16's resolution of a base weight (2^-8
+    relative), so ``W + scale * A B`` rounded to bfloat16 would drop it and its gradient.
+    Computing the branch in float32 and adding it to the base output is what PEFT does
+    for a bfloat16 base.
+    """
+    return (lin.lora_scale * lin.lora(x.astype(lin.lora.lora_a[...].dtype))).astype(out_dtype)
 
 
 def fused_linear(x, linears):
@@ -193,7 +228,7 @@ def fused_linear(x, linears):
     # zero pad of the whole width plus an add (-4% on the LoRA training step, paired A/B).
     bounds = list(itertools.accumulate(lin.out_features for lin in linears))[:-1]
     outs = jnp.split(y, bounds, axis=-1)
-    return tuple(o + lin.lora_scale * lin.lora(x) if lin.lora is not None and not merge else o
+    return tuple(o + lora_delta(lin, x, o.dtype) if lin.lora is not None and not merge else o
                  for o, lin in zip(outs, linears))
 
 
@@ -208,12 +243,23 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * xf.astype(x.dtype)
 
 
-def rope_tables(positions, head_dim: int, theta: float):
-    """cos/sin [B, T, head_dim] for integer positions [B, T] (HF's non-interleaved layout)."""
-    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_tables(positions, head_dim: int, theta: float, inv_freq=None, scale: float = 1.0):
+    """cos/sin [B, T, head_dim] for integer positions [B, T] (HF's non-interleaved layout).
+
+    ``inv_freq`` (head_dim / 2 floats, from :mod:`qbudget.models.rope`) replaces the
+    default ``1 / theta^(2i/d)``, which is otherwise computed here exactly as it always
+    was; ``scale`` multiplies cos and sin (yarn's attention factor).
+    """
+    if inv_freq is None:
+        inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    else:
+        inv = jnp.asarray(np.asarray(inv_freq, np.float32))
     ang = positions.astype(jnp.float32)[..., None] * inv
     ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    if scale != 1.0:
+        cos, sin = cos * jnp.float32(scale), sin * jnp.float32(scale)
+    return cos, sin
 
 
 def _rope_halves(x, cos, sin):
@@ -300,6 +346,10 @@ class Attention(nnx.Module):
         self.k_proj = Linear(e, kv * d, bias=spec.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
         self.v_proj = Linear(e, kv * d, bias=spec.qkv_bias, dtype=dtype, init_std=std, rngs=rngs)
         self.o_proj = Linear(h * d, e, bias=spec.o_bias, dtype=dtype, init_std=std, rngs=rngs)
+        if spec.qk_norm:   # Qwen3: per-head RMSNorm on q and k, before the rotation
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps, dtype)
+        self.qk_norm = spec.qk_norm
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
 
     def __call__(self, x, cos, sin, mask, cache=None, index=None):
@@ -308,6 +358,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             kc, vc = cache
@@ -366,7 +418,7 @@ def positions_from_mask(mask):
 
 
 class CausalLM(nnx.Module):
-    """A Llama/Qwen2 causal LM. ``lm(input_ids, attention_mask=None) -> logits [B,T,V]``.
+    """A Llama/Mistral/Qwen2/Qwen3 causal LM. ``lm(input_ids, attention_mask=None) -> logits [B,T,V]``.
 
     Build with :meth:`from_pretrained` (HF folder), :meth:`from_config` (random init), and
     write back with :meth:`save_pretrained` (loadable by transformers' PyTorch classes).
@@ -382,6 +434,7 @@ class CausalLM(nnx.Module):
             spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype,
             init_std=spec.initializer_range, rngs=rngs)
         self.lora_info = None   # (rank, alpha, targets) once adapters are attached
+        self.generation_eos: tuple[int, ...] = ()   # generation_config.json's eos ids, if any
 
     # -- construction / I/O (implemented in checkpoint.py) ----------------------------------
 
@@ -422,8 +475,15 @@ class CausalLM(nnx.Module):
     def hidden(self, input_ids, positions, mask, cache=None, index=None):
         """Final hidden states [B,T,E]; ``mask`` [B,T,S] says which keys each query sees."""
         spec = self.spec
+        if spec.rope_max_len is not None and mask.shape[-1] > spec.rope_max_len:
+            # dynamic rope: transformers recomputes its frequencies past this length
+            raise QBudgetError(f"sequence of {mask.shape[-1]} positions exceeds "
+                               f"max_position_embeddings={spec.rope_max_len}, beyond which "
+                               f"rope_type {spec.rope_type!r} is not static; supported: "
+                               "sequences up to max_position_embeddings")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta)
+        cos, sin = rope_tables(positions, spec.head_dim, spec.rope_theta, spec.rope_inv_freq,
+                               spec.rope_attention_scale)
         new_cache = []
         for i, layer in enumerate(self.model.layers):
             x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], index)

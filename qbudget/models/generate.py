@@ -96,7 +96,7 @@ def _generate_batch(state, ids, mask, seeds, eos, pad, temperature, top_p, *, gr
     logits, cache = model.decode(ids, positions, cache, 0, kv_mask, last_only=True)
     tok = _sample(logits[:, -1], keys, 0, temperature, top_p, greedy=greedy, nucleus=nucleus)
     out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
-    done = tok == eos
+    done = jnp.isin(tok, eos)
     pos = positions[:, -1] + 1
 
     def cond(carry):
@@ -110,21 +110,40 @@ def _generate_batch(state, ids, mask, seeds, eos, pad, temperature, top_p, *, gr
                       nucleus=nucleus)
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, pos + 1, cache, done | (nxt == eos), out
+        return i + 1, nxt, pos + 1, cache, done | jnp.isin(nxt, eos), out
 
     carry = (jnp.int32(1), tok, pos, cache, done, out)
     *_, out = jax.lax.while_loop(cond, body, carry)
     return out
 
 
+def as_id_list(ids) -> list[int]:
+    """One token id, several, or None as a list of ints (config fields take all three)."""
+    if ids is None:
+        return []
+    if isinstance(ids, (list, tuple, np.ndarray)):
+        return [int(i) for i in ids]
+    return [int(ids)]
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Where generation of an answer stops: the tokenizer's eos (the token training appends
+    to every answer) and every eos id of the model's config and generation config (Llama 3
+    Instruct stops at <|eot_id|>, <|end_of_text|> and <|eom_id|>)."""
+    ids = (as_id_list(tokenizer.eos_token_id) + as_id_list(model.config.eos_token_id)
+           + list(getattr(model, "generation_eos", ())))
+    return list(dict.fromkeys(ids))
+
+
 def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
-             batch_size: int = 64, eos_token_id: int | None = None,
+             batch_size: int = 64, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None) -> list[list[int]]:
-    """New token ids for each prompt (up to, not including, the first eos).
+    """New token ids for each prompt (up to, not including, the first stop token).
 
     ``seeds[i]`` fixes row ``i``'s sampling randomness (default: ``i``); ignored when
-    greedy. ``eos_token_id`` defaults to the model config's.
+    greedy. ``eos_token_id`` is one id or several (Llama 3 configs list three: a row stops
+    at whichever comes first); it defaults to the model config's.
     """
     n = len(prompt_ids)
     if n == 0:
@@ -140,10 +159,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int 
         raise QBudgetError("empty prompt (no tokens); every prompt needs at least one token")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    if isinstance(eos_token_id, (list, tuple)):
-        eos_token_id = eos_token_id[0]
-    eos = -1 if eos_token_id is None else int(eos_token_id)
-    pad = int(pad_token_id if pad_token_id is not None else (eos if eos >= 0 else 0))
+    stops = as_id_list(eos_token_id)
+    eos = np.asarray(stops or [-1], np.int32)
+    pad = int(pad_token_id if pad_token_id is not None else (stops[0] if stops else 0))
     seeds = np.arange(n) if seeds is None else np.asarray(seeds, dtype=np.int64)
     seeds = (seeds % (2**32)).astype(np.uint32)
     graphdef, state = nnx.split(model)
@@ -159,16 +177,15 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int 
         row_seeds[:len(rows)] = seeds[rows]
         for j in range(len(rows), bsz):   # filler rows: copy of the first row, discarded
             ids[j], mask[j] = ids[0], mask[0]
-        out = np.asarray(_generate_batch(state, ids, mask, row_seeds, np.int32(eos),
+        out = np.asarray(_generate_batch(state, ids, mask, row_seeds, eos,
                                          np.int32(pad), np.float32(max(temperature, 1e-6)),
                                          np.float32(top_p), graphdef=graphdef,
                                          max_new=int(max_new_tokens),
                                          greedy=temperature == 0.0, nucleus=top_p < 1.0))
         for j, r in enumerate(rows):
             toks = out[j].tolist()
-            if eos in toks:
-                toks = toks[:toks.index(eos)]
-            results[r] = toks
+            ends = [k for k, t in enumerate(toks) if t in stops]
+            results[r] = toks[:ends[0]] if ends else toks
     return results  # type: ignore[return-value]
 
 
@@ -179,5 +196,5 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, seeds=seeds, batch_size=batch_size,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                   eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in out]

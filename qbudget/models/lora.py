@@ -76,7 +76,7 @@ def attach_lora(model: CausalLM, rank: int = 8, alpha: float = 16,
         raise QBudgetError(f"LoRA alpha must be > 0, got {alpha}")
     targets = _targets(targets)
     rank = int(rank)
-    dtype = jnp.dtype(model.dtype)
+    dtype = jnp.float32   # adapters train in float32 whatever the base's compute dtype
     keys = iter(jax.random.split(key, model.spec.num_layers * len(targets)))
     for layer in model.model.layers:
         for t in targets:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qbudget.models.generate import stop_ids
 from qbudget.padding import pow2_at_least
 from qbudget.reductions import first_argmax
 from qbudget.seeding import numpy_rng
@@ -103,7 +104,8 @@ def _continuation_stats(graphdef, stacked, rest, ids, mask, tokens, eos):
     At each of ``tokens`` steps every member gives p_m = softmax(logits) for the next
     token; p̄ = mean_m p_m; the continuation takes argmax p̄ (for M = 1: the model's own
     greedy token). Per step we record H(p̄), mean_m H(p_m) and the vote entropy of the
-    members' argmax tokens; steps after the continuation emits EOS are masked out.
+    members' argmax tokens; steps after the continuation emits a stop token (any of
+    ``eos``) are masked out.
     One prefill plus ``tokens − 1`` single-token decode steps per member, through the
     model's KV cache. Returns per-prompt means over live steps.
     """
@@ -134,7 +136,7 @@ def _continuation_stats(graphdef, stacked, rest, ids, mask, tokens, eos):
         h_mean, h_each, vote_h, nxt = _step_stats(logits)
         w = alive.astype(jnp.float32)
         acc = acc + jnp.stack([h_mean * w, h_each * w, vote_h * w, w])
-        alive = alive & (nxt != eos)
+        alive = alive & ~jnp.isin(nxt, eos)
         if t + 1 < tokens:
             logits, cache = jax.vmap(decode, in_axes=(0, 0, None, None, None))(
                 stacked, cache, nxt, pos + t, width + t)
@@ -154,7 +156,7 @@ def continuation_scores(student, tokenizer, stacked, texts: Sequence[str], *, to
     handful of shapes.
     """
     graphdef, _, rest = split_student(student)
-    eos = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
+    eos = np.asarray(stop_ids(student, tokenizer) or [-1], np.int32)
     seqs = [prompt_ids(tokenizer, t) for t in texts]
     order = np.argsort([len(s) for s in seqs], kind="stable")
     pad = pad_id(tokenizer)
