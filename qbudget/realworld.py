@@ -122,6 +122,8 @@ def load_real_world(path: str | Path) -> RealWorld:
             raise QBudgetError(f"{src}: teacher folder {teacher_dir} has no config.json")
     elif kind == "replay":
         teacher["path"] = str(_path(base, teacher.get("path"), "teacher.path", src))
+    elif teacher.get("tokenizer") is not None:   # http: the teacher's tokenizer, for checks
+        teacher["tokenizer"] = str(_path(base, teacher["tokenizer"], "teacher.tokenizer", src))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     root = qbudget_home() / "real-worlds" / f"{data.get('name', src.stem)}-{digest}"
     root.mkdir(parents=True, exist_ok=True)

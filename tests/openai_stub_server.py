@@ -3,13 +3,15 @@
 Not a mock of the code under test: it is an actual ``ThreadingHTTPServer`` on 127.0.0.1
 (port 0) that the HTTP oracle talks to over TCP. Each prompt text can carry a *script* of
 misbehaviours consumed one per request (429 with Retry-After, 5xx, a response slower than
-the client timeout, truncated or malformed JSON, a dropped connection, a 4xx) before it
-answers normally with ``"ans:" + prompt``. It counts attempts and successful answers per
+the client timeout, truncated or malformed JSON, a dropped connection, a 4xx, an answer of
+a given shape such as the prompt echoed with chat markers) before it answers normally with
+``answer_for(prompt)``. It counts attempts and successful answers per
 prompt so tests can check that every success is paid exactly once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -18,7 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def answer_for(text: str) -> str:
-    return "ans:" + text
+    """The stub's answer: one per prompt text, and never containing it (an answer that
+    contains a long prompt is what HttpOracle rejects as an echo)."""
+    return "ans:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class StubServer:
@@ -79,8 +83,11 @@ class StubServer:
                     msg = {"error": {"message": "invalid api key"}}
                     return self._send(401, json.dumps(msg).encode())
                 kind, arg = (action if isinstance(action, tuple) else (action, None))
-                if kind == "ok":
-                    content = answer_for(text)
+                if kind in ("ok", "content"):
+                    # ("content", fmt): a 200 whose answer is fmt.format(prompt=, answer=), e.g.
+                    # the prompt echoed in front of the answer with chat markers
+                    content = answer_for(text) if kind == "ok" else \
+                        arg.format(prompt=text, answer=answer_for(text))
                     choice = ({"message": {"role": "assistant", "content": content}} if chat
                               else {"text": content})
                     payload = json.dumps({"id": "x", "choices": [{"index": 0, **choice,

@@ -12,7 +12,18 @@ Real endpoints are slow, rate-limited and flaky, and every answer costs money. S
   ledger can keep them without charging the failed purchase;
 * the API key is read from the environment variable *named* in the config. The value lives
   only in the request header: it is not part of the config, the fingerprint, any repr or
-  any error message (messages are scrubbed in case a server echoes it back).
+  any error message (messages are scrubbed in case a server echoes it back);
+* every answer is checked before it is kept: a server that does not separate the answer
+  from the chat it was given returns the prompt echoed in front of the answer, chat
+  markers included (``transformers serve`` did this for a checkpoint without a
+  ``response_template``: ``<|bos|><|user|>...<|assistant|>answer<|eos|>``). Training or
+  evaluating on such text would measure the server's formatting, not the teacher, so an
+  answer that contains the prompt (or the system prompt) or one of the tokenizer's
+  special tokens fails the purchase at once with a one-line error naming the prompt id and
+  what was found -- never retried (the same request gets the same answer, and is paid
+  again), never stored. The special tokens are read from the teacher's tokenizer folder
+  (``tokenizer``) when given, else ``<|...|>`` markers and the other common chat markers
+  are looked for; ``check_answers = false`` accepts answers as they come.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import dataclasses
 import email.utils
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
@@ -35,6 +48,16 @@ from qbudget.oracles.base import OracleCallError, prompt_seed, stable_hash
 from qbudget.pool import Prompt
 
 APIS = ("chat", "completions")
+
+#: Chat markers looked for when no tokenizer is configured: ``<|...|>`` tokens (ChatML's
+#: ``<|im_start|>``, Llama 3's ``<|eot_id|>``, the embedded worlds' ``<|eos|>``, ...) and the
+#: turn markers of the other common families. Unlikely in a real answer; an answer that
+#: legitimately quotes one needs ``check_answers = false``.
+GENERIC_SPECIAL = re.compile(
+    r"<\|[^|<>\s]{1,48}\|>|<start_of_turn>|<end_of_turn>|\[/?INST\]|</s>")
+#: A prompt shorter than this (after whitespace is collapsed) is not looked for inside the
+#: answer: a short question restated at the start of a real answer is ordinary.
+ECHO_MIN_CHARS = 24
 
 
 @dataclass(frozen=True)
@@ -49,7 +72,10 @@ class HttpOracleConfig:
     max_tokens: int = 256
     seed: int | None = None            # if set, each request gets seed = f(seed, prompt, sample)
     system_prompt: str | None = None   # chat only
-    # transport settings: do not change what an answer is, so not in the fingerprint
+    # checking and transport settings: do not change what an answer is, so not in the
+    # fingerprint
+    tokenizer: str | None = None       # the teacher's tokenizer folder: its special tokens
+    check_answers: bool = True         # refuse answers echoing the prompt / special tokens
     api_key_env: str | None = None     # NAME of the environment variable holding the key
     concurrency: int = 8
     timeout_s: float = 60.0
@@ -78,6 +104,8 @@ class HttpOracleConfig:
         for key in ("timeout_s", "backoff_base_s", "backoff_max_s", "retry_after_max_s"):
             if not getattr(self, key) >= 0 or (key == "timeout_s" and self.timeout_s == 0):
                 raise QBudgetError(f"{key} must be a positive number, got {getattr(self, key)}")
+        if self.tokenizer is not None:
+            special_tokens(self.tokenizer)   # fails now, naming 'tokenizer', if unreadable
 
     @classmethod
     def from_dict(cls, data: dict) -> "HttpOracleConfig":
@@ -94,6 +122,7 @@ class HttpOracleConfig:
             if key not in data:
                 raise QBudgetError(f"HTTP oracle setting '{key}' is required")
         kinds = {"base_url": str, "model": str, "api": str, "api_key_env": str, "system_prompt": str,
+                 "tokenizer": str, "check_answers": bool,
                  "temperature": float, "top_p": float, "timeout_s": float, "backoff_base_s": float,
                  "backoff_max_s": float, "retry_after_max_s": float, "max_tokens": int,
                  "seed": int, "concurrency": int, "max_retries": int}
@@ -101,8 +130,8 @@ class HttpOracleConfig:
         for key, value in data.items():
             want = kinds[key]
             ok = (isinstance(value, want) or (want is float and isinstance(value, int))) \
-                and not isinstance(value, bool)
-            if value is None and key in ("seed", "api_key_env", "system_prompt"):
+                and (want is bool or not isinstance(value, bool))
+            if value is None and key in ("seed", "api_key_env", "system_prompt", "tokenizer"):
                 ok = True
             if not ok:
                 raise QBudgetError(f"HTTP oracle setting '{key}' must be {want.__name__}, "
@@ -117,6 +146,61 @@ class HttpOracleConfig:
         if not base.endswith("/v1"):
             base += "/v1"
         return base + ("/chat/completions" if self.api == "chat" else "/completions")
+
+
+def special_tokens(folder: str | Path) -> tuple[str, ...]:
+    """The special tokens of the tokenizer in ``folder``, read from its JSON files.
+
+    Added tokens marked ``special`` (``tokenizer.json``'s ``added_tokens``,
+    ``tokenizer_config.json``'s ``added_tokens_decoder``) and the named ones (bos, eos, pad,
+    unk, ``additional_special_tokens`` / ``extra_special_tokens``). Plain JSON: checking an
+    answer must not need transformers in the process that buys it.
+    """
+    folder = Path(folder).expanduser()
+    found: set[str] = set()
+
+    def read(name: str):
+        path = folder / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise QBudgetError(f"HTTP oracle setting 'tokenizer': cannot read {path} "
+                               f"({type(exc).__name__})") from None
+
+    def add(value):
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and len(value.strip()) >= 2:
+            found.add(value)
+
+    if not folder.is_dir():
+        raise QBudgetError(f"HTTP oracle setting 'tokenizer': folder not found: {folder}")
+    tok, cfg = read("tokenizer.json"), read("tokenizer_config.json")
+    smap = read("special_tokens_map.json")
+    if tok is None and cfg is None:
+        raise QBudgetError(f"HTTP oracle setting 'tokenizer': no tokenizer.json or "
+                           f"tokenizer_config.json in {folder}")
+    for entry in (tok or {}).get("added_tokens") or []:
+        if isinstance(entry, dict) and entry.get("special"):
+            add(entry)
+    for entry in ((cfg or {}).get("added_tokens_decoder") or {}).values():
+        if isinstance(entry, dict) and entry.get("special"):
+            add(entry)
+    for table in (cfg or {}, smap or {}):
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token",
+                    "cls_token", "mask_token"):
+            add(table.get(key))
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = table.get(key) or []
+            for value in (extra.values() if isinstance(extra, dict) else extra):
+                add(value)
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))
+
+
+class _BadAnswer(Exception):
+    """A 200 answer that is not the teacher's answer alone (echo or special tokens)."""
 
 
 class _Retryable(Exception):
@@ -148,6 +232,11 @@ class HttpOracle:
             config.max_tokens, config.seed, config.system_prompt])
         self.requests_made = 0  # attempts sent, for diagnostics
         self._count_lock = threading.Lock()
+        if config.tokenizer is not None:
+            tokens = special_tokens(config.tokenizer)
+            self._special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        else:
+            self._special = GENERIC_SPECIAL
 
     def __repr__(self) -> str:
         return f"HttpOracle(endpoint={self.config.endpoint!r}, model={self.config.model!r})"
@@ -177,6 +266,29 @@ class HttpOracle:
         if not isinstance(text, str):
             raise TypeError("content is not a string")
         return text
+
+    def answer_problem(self, prompt: Prompt, text: str) -> str | None:
+        """What makes ``text`` not an answer to ``prompt`` (echo, special tokens), or None."""
+        if not self.config.check_answers:
+            return None
+        found = []
+        flat = " ".join(text.split())
+        for what, given in (("prompt", prompt.text), ("system prompt", self.config.system_prompt)):
+            given = " ".join((given or "").split())
+            if len(given) >= ECHO_MIN_CHARS and given in flat:
+                found.append(f"echoes the {what}")
+        if self._special is not None:
+            tokens = list(dict.fromkeys(m.group(0) for m in self._special.finditer(text)))
+            if tokens:
+                shown = " ".join(tokens[:6]) + (" ..." if len(tokens) > 6 else "")
+                found.append(f"carries special tokens {shown}")
+        if not found:
+            return None
+        return (f"HTTP oracle {self.config.endpoint}: the answer to prompt '{prompt.id}' "
+                f"{' and '.join(found)} ({text[:80]!r}{'...' if len(text) > 80 else ''}): the "
+                "server did not separate the answer from the chat (check the teacher's chat "
+                "template and response_template); it was not kept (check_answers = false "
+                "accepts such answers)")
 
     def _retry_after(self, value: str | None) -> float | None:
         if not value:
@@ -212,9 +324,13 @@ class HttpOracle:
         code = r.status_code
         if code == 200:
             try:
-                return self._extract(json.loads(r.content))
+                text = self._extract(json.loads(r.content))
             except (ValueError, KeyError, IndexError, TypeError):
                 raise _Retryable("status 200 with a truncated or malformed JSON body") from None
+            problem = self.answer_problem(prompt, text)
+            if problem is not None:
+                raise _BadAnswer(self._scrub(problem))
+            return text
         if code in (408, 409, 425, 429) or code >= 500:
             raise _Retryable(f"status {code}", self._retry_after(r.headers.get("retry-after")))
         detail = r.text[:300]
@@ -241,7 +357,9 @@ class HttpOracle:
                 if attempt + 1 < attempts:
                     delay = exc.retry_after if exc.retry_after is not None else self._backoff(attempt)
                     self._sleep(delay)
-            except OracleCallError as exc:
+            except (OracleCallError, _BadAnswer) as exc:
+                # a rejected request, or an answer that is not an answer: retrying pays again
+                # for the same result, and the next prompts would fare no better
                 abort.set()
                 return "fail", str(exc)
         abort.set()  # the endpoint is failing for good: do not start more paid requests

@@ -15,7 +15,12 @@ from qbudget.errors import QBudgetError
 
 # 5: the decoder's rope, attention and loss were rewritten for speed (same math, other
 #    float32 rounding), so a rebuilt world is not bit-identical to a version-4 one.
-SPEC_VERSION = 5
+# 6: tokenizer_config.json gains a response_template (see qbudget.worlds.tokenizer), so
+#    `transformers serve` returns a version-6 teacher's answers without the prompt. Token
+#    ids and weights are bit-identical to version 5; only that file (and so the teacher's
+#    checkpoint checksum, its oracle fingerprint) differs, and a cached version-5 world is
+#    rebuilt so that it is served correctly too.
+SPEC_VERSION = 6
 
 #: The ten behaviour categories, in their canonical order (World.categories).
 CATEGORIES: tuple[str, ...] = (

@@ -9,6 +9,17 @@ same ``tokenizer.json`` behaves identically under ``Qwen2Tokenizer``, under the 
 Decoding restores spaces and newlines exactly; typo-ridden robustness prompts
 tokenize into shorter pieces. Saved as ``tokenizer.json`` + ``tokenizer_config.json``
 (+ ``special_tokens_map.json``).
+
+The config also carries a ``response_template`` (transformers' declarative description of
+where an assistant answer starts and ends in the decoded chat), as chat checkpoints on the
+Hub do. Servers need it: ``transformers serve`` parses every chat answer with the
+tokenizer's ``response_template`` and, when there is none, falls back to one chosen by
+``model_type`` -- for ``qwen2`` that is ChatML's (``<|im_start|>assistant\\n`` ...
+``<|im_end|>``). Our template has no ChatML markers, so that fallback never finds where
+the answer starts: it returned the whole prompt, special tokens included, followed by the
+answer and ``<|eos|>``. With ours, the server returns exactly the generated text up to
+eos, as ``qbudget.models.generate.generate_text`` decodes it. The template is metadata
+only: token ids, the chat template and the weights do not depend on it.
 """
 
 from __future__ import annotations
@@ -30,6 +41,16 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+#: Where an answer starts and ends in the decoded chat (transformers' ``response_template``,
+#: version 1): after the last ``<|assistant|>`` of the prompt, up to ``<|eos|>``. Not
+#: stripped: an answer is the generated text exactly, leading or trailing spaces included.
+RESPONSE_TEMPLATE = {
+    "version": 1,
+    "defaults": {"role": "assistant"},
+    "start_anchor": ASSISTANT,
+    "fields": {"content": {"close": EOS, "content": "text", "content_args": {"strip": False}}},
+}
 
 
 #: Qwen2's pre-tokenization regex (transformers.models.qwen2.tokenization_qwen2).
@@ -88,6 +109,7 @@ def save_tokenizer(tok, folder: str | Path, model_max_length: int) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
         "chat_template": CHAT_TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
     }
     _write_json(folder / "tokenizer_config.json", config)
     _write_json(folder / "special_tokens_map.json",
