@@ -18,6 +18,15 @@ prompts, the adversary-train mask and the answers, the rows follow the results s
   intervals (level alpha / number of adversaries) so the max's interval stays valid
   despite picking the best of several, and a Bonferroni-adjusted p-value.
 
+- ``mmd`` (a two-sample test, not a classifier; only when listed): ``p_value`` and
+  ``mmd_statistic`` per category, no advantage, not in ``max`` nor in its Bonferroni count;
+- with sequential certification (``certify=``, a run's ``[certify]``): per classifier
+  adversary and for ``max`` (all of them at once), category ``all``: ``certified`` (1/0),
+  ``certify_verdict`` (0 undecided, 1 certified, 2 distinguishable) and
+  ``certify_items`` (adversary-test prompts the verdict needed, ``n`` = those available),
+  plus ``certify_epsilon`` and ``certify_level`` (this checkpoint's α_r). See
+  :func:`certification_rows`.
+
 :func:`verdict` turns rows into the ε statement: indistinguishable at ε when every
 adversary's overall upper bound is ≤ ε.
 """
@@ -32,12 +41,12 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from qbudget.adversaries import AdversaryData, get_adversary
-from qbudget.adversaries.base import check_sample_bound
-from qbudget.config import EvalConfig
+from qbudget.adversaries import AdversaryData, TwoSampleResult, get_adversary
+from qbudget.adversaries.base import check_sample_bound, prompt_outcomes
+from qbudget.config import CertifyConfig, EvalConfig
 from qbudget.errors import QBudgetError
 from qbudget.pool import Prompt, category_index
-from qbudget.seeding import key_for, stable_seed
+from qbudget.seeding import key_for, rng_for, stable_seed
 from qbudget.similarity import pair_cosines, similarity_rows
 from qbudget.stats import advantage_interval, bonferroni_alpha, bonferroni_p, c2st_p_value
 
@@ -76,13 +85,28 @@ def _encode_all(encoder, groups: dict[str, list[str]], batch_size: int,
     return out
 
 
+#: adversaries that are two-sample tests (p-values), not classifiers (advantage)
+TEST_ADVERSARIES = frozenset({"mmd"})
+
+
+def classifier_adversaries(config: EvalConfig) -> tuple[str, ...]:
+    """The adversaries that have an advantage (and so a ``max`` and a certification)."""
+    return tuple(a for a in config.adversaries if a not in TEST_ADVERSARIES)
+
+
 def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Sequence[str],
                      student: Sequence[str], teacher2: Sequence[str] | None = None, *,
                      encoder=None, config: EvalConfig | None = None, key: jax.Array,
-                     timings: dict | None = None) -> list[dict]:
+                     timings: dict | None = None, tokenizer=None,
+                     certify: CertifyConfig | None = None, certify_index: int = 1,
+                     certify_rng: np.random.Generator | None = None) -> list[dict]:
     """Similarity and adversary rows for one student; see the module docstring.
 
     ``timings`` (optional dict) receives seconds per stage (encode, each adversary).
+    ``tokenizer``: the student's, for ``mmd`` (word ids without one). ``certify`` (enabled)
+    adds the sequential certification rows of this checkpoint, the ``certify_index``-th of
+    the run (1-based: its alpha-spending share), with the item order drawn by
+    ``certify_rng`` (required then).
     """
     config = config or EvalConfig()
     timings = {} if timings is None else timings
@@ -100,7 +124,8 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
     data = AdversaryData(prompts=[p.text for p in probe], teacher=list(teacher),
                          student=list(student), categories=cats,
                          train_idx=np.flatnonzero(is_train), test_idx=np.flatnonzero(~is_train),
-                         encoder=encoder, encode_batch_size=config.encode_batch_size)
+                         encoder=encoder, encode_batch_size=config.encode_batch_size,
+                         tokenizer=tokenizer)
     rows: list[dict] = []
 
     if _needs_embeddings(config):
@@ -127,14 +152,19 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
                                         pair_cosines(emb["teacher"], emb["teacher2"]),
                                         cats, names, config.alpha)
 
-    m = len(config.adversaries)
+    m = max(1, len(classifier_adversaries(config)))
     alpha_b = bonferroni_alpha(config.alpha, m)
     per_cat_best: dict[str, list] = {}
+    outcomes: dict[str, np.ndarray] = {}
     for name in config.adversaries:
         run, _ = get_adversary(name)
         t0 = time.perf_counter()
         res = run(data, config.adversary_config(name), jax.random.fold_in(key, zlib.crc32(name.encode())))
         timings[name] = time.perf_counter() - t0
+        if isinstance(res, TwoSampleResult):
+            rows += _test_rows(name, res, names)
+            continue
+        outcomes[name] = prompt_outcomes(res, len(data.test_idx))
         groups = [("all", np.ones(len(res.correct), bool))]
         groups += [(c, res.unit_category == i) for i, c in enumerate(names)]
         for cat, sel in groups:
@@ -159,6 +189,82 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
                          max(e[2] for e in entries), best[4]))
         rows.append(_row("p_value", "max", cat, bonferroni_p(min(e[3] for e in entries), m),
                          n=best[4]))
+    if certify is not None and certify.enabled and outcomes:
+        if certify_rng is None:
+            raise QBudgetError("certification needs certify_rng (a Generator for the item order)")
+        rows += certification_rows(outcomes, certify, certify_index, certify_rng)
+    return rows
+
+
+def _test_rows(name: str, res: TwoSampleResult, names: Sequence[str]) -> list[dict]:
+    """Rows of a two-sample test adversary: p-value and statistic per category."""
+    rows = []
+    for cat, (stat, p, n) in res.tests.items():
+        label = cat if isinstance(cat, str) else names[int(cat)]
+        rows.append(_row("p_value", name, label, p, n=n))
+        rows.append(_row("mmd_statistic" if name == "mmd" else f"{name}_statistic", name,
+                         label, stat, n=n))
+    n_all = res.tests.get("all", (0, 0, 0))[2]
+    rows.append(_row("adversary_q", name, "all", res.q, n=res.q))
+    rows.append(_row("adversary_t", name, "all", res.t, n=res.q))
+    rows.append(_row("adversary_flops", name, "all", res.flops, n=res.q))
+    for extra, value in res.extra.items():
+        rows.append(_row(f"adversary_{extra}", name, "all", value, n=n_all))
+    return rows
+
+
+def certification_streams(outcomes: Mapping[str, np.ndarray],
+                          rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each adversary's 0/1 stream over the adversary-test prompts, in one random order.
+
+    ``outcomes[name]`` is ``[n_test, k]`` (:func:`qbudget.adversaries.base.prompt_outcomes`).
+    The order is a permutation drawn by ``rng`` (shared by every adversary, so
+    ``certify_checkpoint`` sees them on the same items). A single-answer adversary has two
+    units per prompt (the teacher's answer and the student's); the stream takes *one* of
+    them, chosen by a fair coin per prompt (also shared). Why not both: the two units of a
+    prompt are dependent (same prompt), and the betting e-process's guarantee needs each
+    item to be a fresh draw whose mean is the accuracy; with a fair coin an item is
+    Bernoulli((acc_teacher + acc_student) / 2) = Bernoulli(acc) exactly, independent of
+    the other prompts. The price is half the units of those adversaries.
+    """
+    n = {len(v) for v in outcomes.values()}
+    if len(n) != 1:
+        raise QBudgetError("every adversary must score the same adversary-test prompts")
+    n_test = n.pop()
+    order = rng.permutation(n_test)
+    coin = rng.integers(0, 2, size=n_test)
+    streams = {}
+    for name, out in outcomes.items():
+        out = np.asarray(out, bool)
+        col = coin if out.shape[1] == 2 else np.zeros(n_test, np.int64)
+        streams[name] = out[order, col[order]].astype(np.int64)
+    return streams
+
+
+def certification_rows(outcomes: Mapping[str, np.ndarray], certify: CertifyConfig,
+                       checkpoint_index: int, rng: np.random.Generator) -> list[dict]:
+    """Sequential ε-certification of one checkpoint (:func:`qbudget.certify.certify_checkpoint`).
+
+    Every classifier adversary's stream (:func:`certification_streams`) is tested at this
+    checkpoint's alpha-spending level; the ``max`` rows hold the joint verdict (certified
+    when all are: intersection–union). ``certify_items`` is how many adversary-test
+    prompts the verdict needed: the teacher answers a lazily-buying evaluation would have
+    had to pay for (this one has them all already, see docs/design.md).
+    """
+    from qbudget.certify import CERTIFIED, DISTINGUISHABLE, UNDECIDED, certify_checkpoint
+
+    codes = {"undecided": UNDECIDED, "certified": CERTIFIED, "distinguishable": DISTINGUISHABLE}
+    streams = certification_streams(outcomes, rng)
+    d = certify_checkpoint(streams, certify.epsilon, certify.alpha, checkpoint=checkpoint_index)
+    rows = []
+    for name, dec in [*d.per_adversary.items(), ("max", d)]:
+        used, avail = dec.n_used, dec.n_available
+        rows.append(_row("certified", name, "all", float(dec.certified), n=used))
+        rows.append(_row("certify_verdict", name, "all", codes[dec.verdict], n=used))
+        rows.append(_row("certify_items", name, "all", used, n=avail))
+    level = next(iter(d.per_adversary.values())).level
+    rows.append(_row("certify_epsilon", "", "all", certify.epsilon))
+    rows.append(_row("certify_level", "", "all", level, n=checkpoint_index))
     return rows
 
 
@@ -192,19 +298,24 @@ def student_answers(student, tokenizer, prompts: Sequence[str], sampling: Mappin
 def evaluate_student(student, tokenizer, probe: Sequence[Prompt], is_train: np.ndarray,
                      teacher: Sequence[str], teacher2: Sequence[str] | None, *,
                      sampling: Mapping, seed: int, checkpoint: int, encoder,
-                     config: EvalConfig) -> list[dict]:
+                     config: EvalConfig, certify: CertifyConfig | None = None,
+                     certify_index: int = 1) -> list[dict]:
     """Evaluate one student at one checkpoint: its probe answers, then the result rows.
 
     The one evaluation path: the run loop calls it at every checkpoint (``checkpoint`` =
     q), ``qbudget eval --world`` with checkpoint 0, the calibration script through the
     loop. Every random choice derives from ``(seed, checkpoint)``, so the base student
     evaluated by ``qbudget eval --world W --seed S`` gives exactly the q = 0 rows of a run
-    of W with seed S and the same ``[eval]`` settings.
+    of W with seed S and the same ``[eval]`` settings. With ``certify`` (enabled) the
+    certification rows of the run's ``certify_index``-th checkpoint are added, their item
+    order drawn from ``rng_for(seed, "certify", checkpoint)``.
     """
     answers = student_answers(student, tokenizer, [p.text for p in probe], sampling,
                               probe_seeds(seed, checkpoint, probe))
     return evaluate_answers(probe, is_train, teacher, answers, teacher2, encoder=encoder,
-                            config=config, key=key_for(seed, "evaluate", checkpoint))
+                            config=config, key=key_for(seed, "evaluate", checkpoint),
+                            tokenizer=tokenizer, certify=certify, certify_index=certify_index,
+                            certify_rng=rng_for(seed, "certify", checkpoint))
 
 
 @dataclass(frozen=True)

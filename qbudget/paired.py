@@ -12,6 +12,18 @@ complementary statistics are reported:
   the effect is consistent). Its exact two-sided p-value cannot go below ``2 / 2**m`` with
   ``m`` non-zero differences (0.0625 at five seeds), so a "not distinguishable" verdict at
   few seeds is a statement about the evidence, not about the strategies; the note says so.
+
+For comparisons with the power to decide (:func:`permutation_compare`):
+
+* the paired **sign-flip permutation test** over seeds (:func:`sign_flip_test`: exact
+  enumeration of the 2**n sign patterns up to :data:`EXACT_MAX_SEEDS` seeds, Monte Carlo
+  with an explicit Generator beyond), which uses the sizes of the differences;
+* the **minimum detectable difference** at the run's seeds
+  (:func:`min_detectable_difference`, α = 0.05, power 0.8, from the observed paired
+  spread), printed with every verdict so that "not distinguishable" says what could
+  have been seen;
+* a **hierarchical bootstrap** interval over seeds, then probe items within each seed
+  (:func:`hierarchical_bootstrap_ci`), for a seed × item table of per-item values.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from qbudget.errors import QBudgetError
 
@@ -132,3 +144,254 @@ def paired_compare(diffs, *, rng: np.random.Generator, alpha: float = 0.05,
     else:
         verdict = (f"not distinguishable from baseline at these seeds (p={_fmt_p(p)}, n={n})")
     return PairedResult(n, mean, lo, hi, stat, p, floor, verdict, "; ".join(notes))
+
+
+# ---------------------------------------------------------------------------------------
+# Comparisons with power: a sign-flip permutation test over seeds, a hierarchical bootstrap
+# over seeds then probe items, and the minimum detectable difference at the run's seeds.
+
+#: Seeds up to which the sign-flip test enumerates all 2**n patterns (65,536 at 16).
+EXACT_MAX_SEEDS = 16
+
+
+@dataclass(frozen=True)
+class SignFlipResult:
+    """Two-sided paired sign-flip permutation test of "mean difference = 0"."""
+
+    n: int
+    statistic: float       # the mean difference
+    p_value: float
+    exact: bool            # all 2**n sign patterns enumerated (else Monte Carlo)
+    n_patterns: int        # patterns used (2**n, or the Monte Carlo draws + the identity)
+    min_p: float           # the smallest p this test can give at these seeds
+
+
+def _sign_patterns(n: int) -> np.ndarray:
+    """All 2**n sign vectors as float64 [2**n, n] (the identity first)."""
+    bits = (np.arange(2 ** n, dtype=np.int64)[:, None] >> np.arange(n)) & 1
+    return 1.0 - 2.0 * bits
+
+
+def sign_flip_p_values(diffs, *, rng: np.random.Generator | None = None,
+                       n_resamples: int = 9_999, exact_max_n: int = EXACT_MAX_SEEDS):
+    """Vectorised sign-flip p-values for each row of ``diffs`` ``[tables, n]``.
+
+    Under H0 (a strategy is no better or worse than the baseline) each seed's paired
+    difference is symmetric about 0, so flipping its sign leaves the joint distribution
+    unchanged; the p-value is the share of sign patterns whose |mean| reaches the
+    observed one. With ``n ≤ exact_max_n`` all ``2**n`` patterns are enumerated (exact,
+    deterministic, p ≥ 2/2**n); otherwise ``n_resamples`` random patterns drawn by
+    ``rng`` plus the identity give ``(1 + hits) / (1 + n_resamples)``, which is valid at
+    every level. Returns ``(p_values, exact)``. Flipping signs of the mean is the same
+    test as flipping them for Student's t, since Σd² does not change under a flip.
+    """
+    d = np.asarray(diffs, np.float64)
+    if d.ndim == 1:
+        d = d[None, :]
+    if d.ndim != 2:
+        raise QBudgetError("sign_flip_p_values needs [tables, seeds] differences")
+    m, n = d.shape
+    if n == 0:
+        return np.full(m, math.nan), True
+    obs = np.abs(d.sum(axis=1))
+    tol = 1e-9 * np.maximum(np.abs(d).sum(axis=1), 1e-300)   # ties up to float noise
+    if n <= exact_max_n:
+        s = _sign_patterns(n)
+        hits = np.zeros(m, np.int64)
+        for i in range(0, len(s), 8192):
+            hits += (np.abs(d @ s[i:i + 8192].T) >= (obs - tol)[:, None]).sum(axis=1)
+        return hits / float(len(s)), True
+    if rng is None:
+        raise QBudgetError(f"with more than {exact_max_n} seeds the sign-flip test draws "
+                           "random patterns: pass rng=numpy.random.Generator")
+    hits = np.zeros(m, np.int64)
+    left = int(n_resamples)
+    while left > 0:
+        b = min(left, 4096)
+        s = rng.choice(np.array([-1.0, 1.0]), size=(b, n))
+        hits += (np.abs(d @ s.T) >= (obs - tol)[:, None]).sum(axis=1)
+        left -= b
+    return (1.0 + hits) / (1.0 + n_resamples), False
+
+
+def sign_flip_test(diffs, *, rng: np.random.Generator | None = None, n_resamples: int = 9_999,
+                   exact_max_n: int = EXACT_MAX_SEEDS) -> SignFlipResult:
+    """Paired sign-flip permutation test of per-seed differences (strategy − baseline).
+
+    Exact enumeration up to ``exact_max_n`` seeds, Monte Carlo with ``rng`` beyond (see
+    :func:`sign_flip_p_values`). Unlike the signed-rank test it uses the sizes of the
+    differences, not only their ranks, and its smallest p is still ``2 / 2**n``: at
+    least 6 seeds are needed before anything can be called different at α = 0.05.
+    NaN differences are dropped.
+    """
+    d = np.asarray(diffs, np.float64).reshape(-1)
+    d = d[~np.isnan(d)]
+    n = int(len(d))
+    if n == 0:
+        return SignFlipResult(0, math.nan, math.nan, True, 0, math.nan)
+    p, exact = sign_flip_p_values(d, rng=rng, n_resamples=n_resamples, exact_max_n=exact_max_n)
+    if exact:
+        return SignFlipResult(n, float(d.mean()), float(p[0]), True, 2 ** n, 2.0 ** (1 - n))
+    return SignFlipResult(n, float(d.mean()), float(p[0]), False, n_resamples + 1,
+                          max(2.0 ** (1 - n), 1.0 / (n_resamples + 1)))
+
+
+def min_detectable_difference(sd: float, n: int, *, alpha: float = 0.05,
+                              power: float = 0.8) -> float:
+    """Smallest true mean difference the two-sided paired test detects with ``power``.
+
+    ``sd`` is the spread of the per-seed paired differences (the sample standard deviation
+    of strategy − baseline over seeds), ``n`` the number of seeds. The MDE ``δ`` solves
+    the exact power equation of the paired t-test under normal differences,
+
+        P(|T'| > t_{1−α/2, n−1}) = power,  T' ~ noncentral t(df = n − 1, nc = δ·√n / sd),
+
+    i.e. ``δ ≈ (t_{1−α/2,n−1} + t_{power,n−1}) · sd / √n`` (the usual formula, which this
+    refines by the far tail). The sign-flip test (:func:`sign_flip_test`) is the
+    permutation version of the same t statistic, and its power matches this equation
+    (``tests/test_compare_power.py`` checks it on simulated seed × item tables) once
+    its floor ``2 / 2**n`` is below α. Calibrated to that test: with ``n`` ≤
+    :data:`EXACT_MAX_SEEDS` the exact test's p-values are multiples of ``2 / 2**n``, so it
+    rejects at the largest attainable level ≤ α (:func:`effective_alpha`: 0.03125 at 6
+    seeds, 0.0488 at 10), and ``t_{1−α/2}`` is taken at that level. Below the floor
+    (n ≤ 5 at α = 0.05) no difference is detectable and this returns ``inf``; with
+    ``sd = 0`` and enough seeds, 0.
+    """
+    n = int(n)
+    sd = float(sd)
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise QBudgetError("alpha and power must be in (0, 1)")
+    if n < 2 or math.isnan(sd) or 2.0 ** (1 - n) > alpha:
+        return math.inf
+    if sd == 0:
+        return 0.0
+    df = n - 1
+    tc = float(stats.t.ppf(1 - effective_alpha(n, alpha) / 2, df))
+
+    def gap(nc: float) -> float:
+        lower = float(stats.nct.cdf(-tc, df, nc))   # the wrong-sign tail; scipy can NaN
+        return float(stats.nct.sf(tc, df, nc)) + (0.0 if math.isnan(lower) else lower) - power
+
+    nc = optimize.brentq(gap, 0.0, 1.5 * (tc + float(stats.t.ppf(power, df))) + 1.0,
+                         xtol=1e-10, rtol=1e-12)
+    return float(nc) * sd / math.sqrt(n)
+
+
+def effective_alpha(n: int, alpha: float = 0.05) -> float:
+    """The size the exact sign-flip test really has at nominal ``alpha`` with ``n`` seeds.
+
+    Its two-sided p-values are multiples of ``2 / 2**n`` (patterns come in ± pairs), so
+    "p ≤ α" rejects exactly when p ≤ the largest such multiple ≤ α. Beyond
+    :data:`EXACT_MAX_SEEDS` (Monte Carlo) the grid is fine enough to take α itself.
+    """
+    n = int(n)
+    if n > EXACT_MAX_SEEDS:
+        return float(alpha)
+    step = 2.0 ** (1 - n)
+    return math.floor(alpha / step + 1e-9) * step
+
+
+def hierarchical_bootstrap_ci(table, baseline=None, *, rng: np.random.Generator,
+                              n_resamples: int = 2_000, confidence: float = 0.95,
+                              scale: float = 1.0) -> tuple[float, float, float]:
+    """(estimate, low, high) of the mean over seeds of the per-seed item mean.
+
+    ``table`` is ``[seeds, items]`` of 0/1 correctness (or any real per-item value);
+    with ``baseline`` (same shape, the same probe items in the same seeds) the quantity
+    is the paired difference ``table − baseline``. Each resample draws seeds with
+    replacement, then, within each drawn seed, items with replacement (the same items
+    for both tables, keeping the pairing); the interval is the percentile interval of
+    ``scale ×`` the resampled means (``scale=2`` turns accuracy into advantage).
+
+    Resampling both levels carries the evaluation noise of the finite probe *and* the
+    seed-to-seed variation into the interval; because the seed-level spread already
+    contains the item noise once, the interval is slightly conservative (wider), never
+    anti-conservative, which is the side to err on when calling a strategy better.
+    """
+    x = np.asarray(table, np.float64)
+    if baseline is not None:
+        b = np.asarray(baseline, np.float64)
+        if b.shape != x.shape:
+            raise QBudgetError(f"table {x.shape} and baseline {b.shape} differ in shape")
+        x = x - b
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise QBudgetError("hierarchical_bootstrap_ci needs a [seeds, items] table")
+    if not np.isfinite(x).all():
+        raise QBudgetError("hierarchical_bootstrap_ci needs finite values")
+    if not 0 < confidence < 1:
+        raise QBudgetError(f"confidence must be in (0, 1), got {confidence}")
+    s, n_items = x.shape
+    est = float(scale * x.mean())
+    if s < 2:
+        return est, math.nan, math.nan
+    means = np.empty(int(n_resamples))
+    chunk = max(1, 4_000_000 // (s * n_items))
+    for i in range(0, int(n_resamples), chunk):
+        b = min(chunk, int(n_resamples) - i)
+        seeds = rng.integers(0, s, size=(b, s))
+        items = rng.integers(0, n_items, size=(b, s, n_items))
+        means[i:i + b] = x[seeds[:, :, None], items].mean(axis=(1, 2))
+    a = 1.0 - confidence
+    lo, hi = np.quantile(scale * means, [a / 2, 1 - a / 2])
+    return est, float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class PowerComparison:
+    """A strategy against the baseline over seeds, with the power to say so."""
+
+    n: int
+    mean_diff: float
+    ci_low: float          # bootstrap interval of the mean difference (NaN if n < 2)
+    ci_high: float
+    p_value: float         # two-sided sign-flip permutation p
+    exact: bool
+    mde: float             # minimum detectable difference at these seeds (α, power 0.8)
+    verdict: str
+    note: str
+
+
+def permutation_compare(diffs, *, rng: np.random.Generator, alpha: float = 0.05,
+                        what: str = "advantage", n_resamples: int = 10_000,
+                        power: float = 0.8) -> PowerComparison:
+    """Compare a strategy to the baseline from per-seed differences, with its MDE.
+
+    The verdict is driven by the sign-flip p at ``alpha`` and always carries the minimum
+    detectable difference from the observed paired spread, so "not distinguishable"
+    reads as "no difference of at least MDE": "lower <what> than baseline (p=…, MDE …)",
+    "higher …", or "not distinguishable from baseline at these seeds (…)". Lower is better
+    for advantage. ``rng`` draws the bootstrap (and the permutations beyond
+    :data:`EXACT_MAX_SEEDS` seeds).
+    """
+    d = np.asarray(diffs, np.float64).reshape(-1)
+    d = d[~np.isnan(d)]
+    n = int(len(d))
+    if n == 0:
+        return PowerComparison(0, math.nan, math.nan, math.nan, math.nan, True, math.inf,
+                               "no paired seeds", "no seed was run for both strategies")
+    mean = float(d.mean())
+    lo, hi = bootstrap_mean_ci(d, rng=rng, n_resamples=n_resamples)
+    r = sign_flip_test(d, rng=rng, n_resamples=n_resamples)
+    sd = float(d.std(ddof=1)) if n >= 2 else math.nan
+    mde = min_detectable_difference(sd, n, alpha=alpha, power=power)
+    notes = []
+    if r.min_p > alpha:
+        notes.append(f"with {n} seed(s) the sign-flip p cannot go below {r.min_p:.3g}; "
+                     f"at least {_seeds_needed(alpha)} seeds are needed to detect anything "
+                     f"at {alpha}")
+    mde_txt = "MDE n/a" if math.isinf(mde) else f"MDE {mde:.3g}"
+    if not math.isnan(r.p_value) and r.p_value < alpha and mean != 0:
+        word = "lower" if mean < 0 else "higher"
+        verdict = f"{word} {what} than baseline (p={_fmt_p(r.p_value)}, {mde_txt})"
+    else:
+        verdict = (f"not distinguishable from baseline at these seeds "
+                   f"(p={_fmt_p(r.p_value)}, n={n}, {mde_txt})")
+    return PowerComparison(n, mean, lo, hi, r.p_value, r.exact, mde, verdict, "; ".join(notes))
+
+
+def _seeds_needed(alpha: float) -> int:
+    """Fewest seeds whose sign-flip floor 2/2**n is ≤ alpha."""
+    n = 1
+    while 2.0 ** (1 - n) > alpha:
+        n += 1
+    return n

@@ -6,6 +6,12 @@ q = 0 (the untouched student) sits at the left edge and doubling budgets are eve
 spaced. The headline figure puts the max-adversary advantage next to the semantic
 similarity; ``by="category"`` / ``by="adversary"`` draw small multiples instead.
 
+Sequentially certified runs (``[certify]``: their rows include ``q_certified``) get a star
+per strategy on the headline advantage panel at its certification point: the largest
+``q_certified`` over the seeds that certified (by then every one of them had stopped
+buying), on the strategy's mean curve, labelled with how many seeds certified. Their ε is
+drawn as the ε line when none is given.
+
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas directly (no
 pyplot), so plotting neither needs a display nor touches global matplotlib state.
 """
@@ -102,6 +108,37 @@ def _headline_advantage(df: pd.DataFrame) -> pd.DataFrame:
     return adv.loc[idx]
 
 
+def _mark_certified(ax, dw: pd.DataFrame, head: pd.DataFrame, strategies: list[str],
+                    colors: dict) -> None:
+    """A star per strategy at its certification point (see the module docstring)."""
+    qc = dw[(dw["metric"] == "q_certified") & (dw["category"] == ALL)]
+    labelled = False
+    for s in strategies:
+        mine = qc[qc["strategy"] == s]
+        if mine.empty:
+            continue
+        per_seed = mine.groupby("seed")["value"].min()
+        q = int(per_seed.max())
+        c = _curve(head[head["strategy"] == s])
+        at = c[c["q"] == q]
+        if at.empty:
+            continue
+        seeds = head.loc[head["strategy"] == s, "seed"].nunique()
+        ax.plot([q], [float(at["mean"].iloc[0])], marker="*", ms=13, color=colors[s],
+                markeredgecolor="black", ls="none", zorder=5,
+                label=None if labelled else "certified (sequential test)")
+        ax.annotate(f"{len(per_seed)}/{seeds}", (q, float(at["mean"].iloc[0])),
+                    textcoords="offset points", xytext=(6, 6), fontsize=7, color=colors[s])
+        labelled = True
+
+
+def _certify_epsilon(df: pd.DataFrame) -> float | None:
+    """The ε the runs were certified at (their ``certify_epsilon`` rows), if any; the
+    smallest when they differ, as in the summary."""
+    e = df.loc[df["metric"] == "certify_epsilon", "value"]
+    return float(e.min()) if len(e) else None
+
+
 def _ceiling(dw: pd.DataFrame) -> float | None:
     """The teacher-vs-teacher similarity (two teacher samples) of a world, if measured."""
     c = dw[(dw["metric"] == "similarity_ceiling") & (dw["category"] == ALL)]["value"]
@@ -140,6 +177,8 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
                "#7f7f7f", "#bcbd22", "#17becf"]
     colors = {s: palette[i % len(palette)] for i, s in enumerate(strategies)}
+    if epsilon is None:
+        epsilon = _certify_epsilon(df)
     eps = epsilon if metric == "advantage" else None
 
     if by is None:
@@ -154,6 +193,7 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
                 head = head[head["category"] == ALL]
                 _draw(axes[i, 0], head, strategies, colors, f"{w}: max adversary, all categories",
                       _LABELS["advantage"], eps, baseline)
+                _mark_certified(axes[i, 0], dw, head, strategies, colors)
                 if panels_per_world == 2:
                     _draw(axes[i, 1], sim[sim["world"] == w], strategies, colors,
                           f"{w}: similarity to teacher", _LABELS["similarity"], None, baseline,

@@ -31,9 +31,11 @@ RESULTS_FILE = "results.parquet"
 CELLS_DIR = "cells"
 
 #: The explicit Arrow schema, in the column order of every results file (docs/design.md), then
-#: the two integer extras. ``ci_low``/``ci_high`` may be null (a metric without an
-#: interval); ``n`` (sample count behind the value) and ``paid`` (real oracle calls so far)
-#: may be null when the producer does not know them.
+#: the integer extras. ``ci_low``/``ci_high`` may be null (a metric without an
+#: interval); ``n`` (sample count behind the value), ``paid`` (real oracle calls so far,
+#: training account) and ``eval_paid`` (real oracle calls so far on the evaluation account:
+#: probe and ceiling answers) may be null when the producer does not know them; files
+#: written before a column existed read back with it null.
 SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("world", pa.string(), nullable=False),
@@ -48,13 +50,14 @@ SCHEMA = pa.schema([
     pa.field("ci_high", pa.float64(), nullable=True),
     pa.field("n", pa.int64(), nullable=True),
     pa.field("paid", pa.int64(), nullable=True),
+    pa.field("eval_paid", pa.int64(), nullable=True),
 ])
 #: Column order of every results file.
 RESULT_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
 _STRING = ("run_id", "world", "strategy", "metric", "adversary", "category")
 _INT_REQUIRED = ("seed", "q")
-_INT_OPTIONAL = ("n", "paid")
+_INT_OPTIONAL = ("n", "paid", "eval_paid")
 _FLOAT_OPTIONAL = ("ci_low", "ci_high")
 #: Fields a row must carry; ``adversary`` may be "" (non-adversary metrics) but not absent.
 REQUIRED_FIELDS: tuple[str, ...] = _STRING + _INT_REQUIRED + ("value",)

@@ -12,10 +12,19 @@ From the long results table (:mod:`qbudget.results`) this computes, per world an
   sweeps with different largest budgets stay comparable. Computed per run on the q values
   every run of the world reached, then averaged over seeds;
 * the **queries needed to reach ε**: the first q at which the mean over seeds of the max
-  adversary's upper confidence bound is ≤ ε ("not reached" otherwise);
+  adversary's upper confidence bound is ≤ ε ("not reached" otherwise). When the runs were
+  certified sequentially (``[certify]``: their results hold ``certify_epsilon`` rows) it
+  is the **certified q** instead: per seed the ``q_certified`` of the run (the checkpoint
+  at which every adversary was certified and the run stopped buying), reported as the
+  largest over seeds when every seed certified, else "not certified" with the count;
 * **paired comparisons against the baseline** (:mod:`qbudget.paired`), pairing runs on
-  world + seed: final-q max advantage and AUC differences, bootstrap CI, Wilcoxon p, and a
-  plain-words verdict;
+  world + seed: final-q max advantage and AUC differences, bootstrap CI, the paired
+  sign-flip permutation p (exact up to 16 seeds: its null distribution is the
+  enumeration of every sign pattern, not an approximation), and a plain-words verdict
+  that carries the **minimum detectable difference** at these seeds (α, power 0.8, from
+  the observed paired spread) — so "not distinguishable" reads "no difference of at
+  least MDE", not "the same". The Wilcoxon signed-rank test this replaced used only
+  ranks; both have the floor ``2 / 2**n``, so at least 6 seeds are needed at α = 0.05;
 * **per-category residuals at the final budget**: the max adversary's advantage per
   category; a category "remains" when the mean over seeds of the advantage's lower
   confidence bound is still > 0, i.e. an adversary still tells student from teacher there.
@@ -32,7 +41,7 @@ import pandas as pd
 from scipy import stats
 
 from qbudget.errors import QBudgetError
-from qbudget.paired import paired_compare
+from qbudget.paired import EXACT_MAX_SEEDS, permutation_compare
 
 MAX = "max"
 ALL = "all"
@@ -60,6 +69,9 @@ class Summary:
     paired: pd.DataFrame                      # world strategy baseline measure n mean_diff ...
     residuals: pd.DataFrame                   # world strategy category q n mean ... remains
     notes: list[str] = field(default_factory=list)
+    #: the runs were certified sequentially: ``epsilon`` is their ε and ``epsilon_reached``
+    #: holds the certified q (columns certified, seeds, q_certified)
+    certified: bool = False
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
@@ -142,10 +154,25 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
     if epsilon is not None and not (0 < epsilon <= 1):
         raise QBudgetError(f"epsilon must be in (0, 1], got {epsilon}")
     runs = _per_run(df)
+    cert_eps = sorted(set(runs.loc[runs["metric"] == "certify_epsilon", "value"].tolist()))
+    certified_mode = bool(cert_eps)
+    notes: list[str] = []
+    if certified_mode:
+        if epsilon is None or epsilon != cert_eps[0]:
+            if epsilon is not None:
+                notes.append(f"the runs were certified at ε={cert_eps[0]:g}; "
+                             f"the ε={epsilon:g} asked for is replaced by it")
+            epsilon = float(cert_eps[0])
+        if len(cert_eps) > 1:
+            notes.append("the runs were certified at several ε ("
+                         + ", ".join(f"{e:g}" for e in cert_eps) + "); the certified q of "
+                         f"each is shown under ε={cert_eps[0]:g}")
+        if (runs["metric"] == "q_certified").any():
+            notes.append("certified runs stop buying at their certified q, so AUC and "
+                         "comparisons use only the q values every run reached")
     adv = _with_max(runs[runs["metric"] == "advantage"])
     if adv.empty:
         raise QBudgetError("the results hold no 'advantage' rows")
-    notes: list[str] = []
     worlds = sorted(runs["world"].unique().tolist())
     strategies, grids, seeds = {}, {}, {}
     for w in worlds:
@@ -183,14 +210,17 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
             m, lo, hi, n = mean_ci(vals)
             auc_rows.append({"world": w, "strategy": s, "n": n, "mean": m,
                              "ci_low": lo, "ci_high": hi})
-            if epsilon is not None:
+            if certified_mode:
+                eps_rows.append(_certified_q(runs, w, s))
+            elif epsilon is not None:
                 upper = h.groupby("q")["ci_high"].mean().sort_index()
                 hit = upper[upper <= epsilon]
                 eps_rows.append({"world": w, "strategy": s,
                                  "q_reached": int(hit.index[0]) if len(hit) else pd.NA,
                                  "final_upper": float(upper.iloc[-1]) if len(upper) else math.nan})
     auc = pd.DataFrame(auc_rows, columns=["world", "strategy", "n", "mean", "ci_low", "ci_high"])
-    eps = pd.DataFrame(eps_rows, columns=["world", "strategy", "q_reached", "final_upper"])
+    eps = pd.DataFrame(eps_rows, columns=["world", "strategy", "q_reached", "final_upper"]
+                       + (["certified", "seeds", "q_certified"] if certified_mode else []))
     eps["q_reached"] = eps["q_reached"].astype("Int64")
 
     paired_rows = []
@@ -219,16 +249,22 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
             if len(grid) < 2:  # one q value: no curve, no area
                 del measures["advantage AUC"]
             for measure, diffs in measures.items():
-                r = paired_compare(diffs, rng=_rng(seed, w, s, measure), alpha=alpha,
-                                   what=measure, n_resamples=n_resamples)
+                r = permutation_compare(diffs, rng=_rng(seed, w, s, measure), alpha=alpha,
+                                        what=measure, n_resamples=n_resamples)
+                p_value, verdict = r.p_value, r.verdict
+                if r.n < 2:   # one pair: the sign-flip p is 1 by construction; no test
+                    p_value = math.nan
+                    verdict = (f"not distinguishable from baseline at these seeds "
+                               f"(n={r.n}: no paired test, MDE n/a)")
                 paired_rows.append({
                     "world": w, "strategy": s, "baseline": baseline, "measure": measure,
                     "q": qf, "n": r.n, "mean_diff": r.mean_diff, "ci_low": r.ci_low,
-                    "ci_high": r.ci_high, "statistic": r.statistic, "p_value": r.p_value,
-                    "min_p": r.min_p, "verdict": r.verdict, "note": r.note})
+                    "ci_high": r.ci_high, "statistic": _t_statistic(diffs),
+                    "p_value": p_value, "min_p": _min_p(r.n, n_resamples), "mde": r.mde,
+                    "verdict": verdict, "note": r.note})
     paired = pd.DataFrame(paired_rows, columns=[
         "world", "strategy", "baseline", "measure", "q", "n", "mean_diff", "ci_low", "ci_high",
-        "statistic", "p_value", "min_p", "verdict", "note"])
+        "statistic", "p_value", "min_p", "mde", "verdict", "note"])
 
     res_rows = []
     for w in worlds:
@@ -256,7 +292,43 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
     return Summary(baseline=baseline, epsilon=epsilon, worlds=worlds, strategies=strategies,
                    q_grid=grids, seeds=seeds, advantage=advantage, similarity=similarity,
                    ceiling=ceiling, auc=auc, epsilon_reached=eps, paired=paired,
-                   residuals=residuals, notes=notes)
+                   residuals=residuals, notes=notes, certified=certified_mode)
+
+
+def _certified_q(runs: pd.DataFrame, world: str, strategy: str) -> dict:
+    """One strategy's certified q over its seeds (see the module docstring)."""
+    mine = runs[(runs["world"] == world) & (runs["strategy"] == strategy)]
+    seeds = sorted(int(sd) for sd in mine["seed"].unique())
+    qc = mine[mine["metric"] == "q_certified"].groupby("seed")["value"].min()
+    per_seed = {int(sd): int(v) for sd, v in qc.items()}
+    done = len(per_seed)
+    return {"world": world, "strategy": strategy,
+            "q_reached": max(per_seed.values()) if done == len(seeds) and done else pd.NA,
+            "final_upper": math.nan, "certified": done, "seeds": len(seeds),
+            "q_certified": ", ".join(str(per_seed[sd]) if sd in per_seed else "–"
+                                     for sd in seeds)}
+
+
+def _t_statistic(diffs) -> float:
+    """Paired t of the per-seed differences: the statistic the sign-flip test permutes
+    (flipping signs of the mean is flipping them for t, as Σd² does not change)."""
+    d = np.asarray(diffs, np.float64)
+    d = d[~np.isnan(d)]
+    if len(d) < 2:
+        return math.nan
+    sd = float(d.std(ddof=1))
+    if sd == 0:
+        return math.copysign(math.inf, float(d.mean())) if d.mean() != 0 else math.nan
+    return float(d.mean() / (sd / math.sqrt(len(d))))
+
+
+def _min_p(n: int, n_resamples: int) -> float:
+    """The smallest p the sign-flip test can give with ``n`` paired seeds."""
+    if n < 1:
+        return math.nan
+    if n <= EXACT_MAX_SEEDS:
+        return 2.0 ** (1 - n)
+    return max(2.0 ** (1 - n), 1.0 / (n_resamples + 1))
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -311,7 +383,7 @@ def world_tables(summary: Summary, world: str,
     eps = s.epsilon_reached[s.epsilon_reached["world"] == world].set_index("strategy")
     header = ["strategy"] + [f"q={q}" for q in qs] + ["AUC"]
     if s.epsilon is not None:
-        header.append(f"q at ε={s.epsilon:g}")
+        header.append(f"certified q at ε={s.epsilon:g}" if s.certified else f"q at ε={s.epsilon:g}")
     rows = []
     for strat in s.strategies[world]:
         cur = adv[(adv["strategy"] == strat) & (adv["adversary"] == MAX)]
@@ -319,14 +391,30 @@ def world_tables(summary: Summary, world: str,
         a = auc.loc[strat] if strat in auc.index else None
         row.append(fmt_ci(a["mean"], a["ci_low"], a["ci_high"], int(a["n"]), digits, compact)
                    if a is not None else "–")
-        if s.epsilon is not None:
+        if s.epsilon is not None and s.certified:
+            if strat in eps.index:
+                e = eps.loc[strat]
+                qr = e["q_reached"]
+                row.append((f"{int(qr)}" if not pd.isna(qr) else "not certified")
+                           + f" ({int(e['certified'])}/{int(e['seeds'])} seeds: {e['q_certified']})")
+            else:
+                row.append("–")
+        elif s.epsilon is not None:
             qr = eps.loc[strat, "q_reached"] if strat in eps.index else pd.NA
             row.append("not reached" if pd.isna(qr) else str(int(qr)))
         rows.append(row)
+    if s.certified:
+        eps_foot = (f" Certified q at ε: the checkpoint at which the run's sequential test "
+                    f"certified every adversary's advantage ≤ {s.epsilon:g} (anytime-valid, "
+                    "level α over the whole run) and stopped buying; the largest over seeds "
+                    "when all certified (per seed in brackets).")
+    elif s.epsilon is not None:
+        eps_foot = (f" q at ε: first q where the mean over seeds of the max "
+                    f"adversary's upper bound is ≤ {s.epsilon:g}.")
+    else:
+        eps_foot = ""
     out.append(("Max advantage (category all): mean over seeds (95% t-interval)", header, rows,
-                AUC_DESCRIPTION + "." + (f" q at ε: first q where the mean over seeds of the max "
-                                         f"adversary's upper bound is ≤ {s.epsilon:g}."
-                                         if s.epsilon is not None else "")))
+                AUC_DESCRIPTION + "." + eps_foot))
 
     advs = sorted(a for a in adv["adversary"].unique() if a != MAX)
     if advs:
@@ -355,7 +443,8 @@ def world_tables(summary: Summary, world: str,
     pr = s.paired[s.paired["world"] == world]
     if not pr.empty:
         rows = [[r.strategy, r.measure, str(r.n), _signed_ci(r.mean_diff, r.ci_low, r.ci_high, digits),
-                 _num(r.statistic, 1), _fmt_p(r.p_value), r.verdict] for r in pr.itertuples()]
+                 _num(r.statistic, 2), _fmt_p(r.p_value), "n/a" if math.isinf(r.mde) else _num(r.mde),
+                 r.verdict] for r in pr.itertuples()]
         by_note: dict[str, list[str]] = {}
         for r in pr.itertuples():
             if r.note and r.strategy not in by_note.setdefault(r.note, []):
@@ -364,9 +453,11 @@ def world_tables(summary: Summary, world: str,
         qf = int(pr["q"].iloc[0])
         out.append((f"Paired comparison with baseline '{s.baseline}' (strategy − baseline, paired "
                     f"on seed; final q={qf})",
-                    ["strategy", "measure", "n", "mean diff (bootstrap 95% CI)", "Wilcoxon W",
-                     "p", "verdict"], rows,
-                    "Lower is better (less distinguishable). " + " ".join(
+                    ["strategy", "measure", "n", "mean diff (bootstrap 95% CI)", "paired t",
+                     "sign-flip p", "MDE", "verdict"], rows,
+                    "Lower is better (less distinguishable). MDE: the smallest true difference "
+                    "these seeds detect with power 0.8 at α = 0.05, from the observed paired "
+                    "spread. " + " ".join(
                         f"{n}." for n in notes)))
 
     res = s.residuals[s.residuals["world"] == world]
@@ -419,7 +510,9 @@ def render_markdown(summary: Summary) -> str:
               "told apart. `max` is the best adversary per run (Bonferroni-adjusted interval).",
               "- Intervals over seeds are 95% Student-t intervals of the mean; paired intervals "
               "are percentile bootstrap intervals of the mean per-seed difference; p-values are "
-              "exact two-sided Wilcoxon signed-rank tests across seeds.",
+              "two-sided paired sign-flip permutation tests across seeds (exact enumeration up "
+              "to 16 seeds), each verdict with its minimum detectable difference (MDE, power "
+              "0.8).",
               f"- {AUC_DESCRIPTION}.", ""]
     return "\n".join(lines)
 

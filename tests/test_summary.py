@@ -159,8 +159,11 @@ def test_paired_comparison_pairs_on_seed_and_reports_the_differences():
     final = p.loc["final advantage"]
     assert final["n"] == 6 and final["q"] == 256
     assert final["mean_diff"] == pytest.approx(np.mean(diffs))
-    assert final["statistic"] == 0.0
+    # the statistic is the paired t the sign-flip test permutes (it was Wilcoxon's W = 0)
+    d = np.asarray(diffs)
+    assert final["statistic"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(6)))
     assert final["p_value"] == pytest.approx(2 / 2 ** 6)  # all six negative: exact p = 2/64
+    assert 0 < final["mde"] < np.inf and f"MDE {final['mde']:.3g}" in final["verdict"]
     assert final["ci_low"] <= np.mean(diffs) <= final["ci_high"] < 0
     assert final["verdict"].startswith("lower final advantage than baseline (p=0.031")
     auc_diffs = [auc_log_q(QS, values[("fast", sd)]) - auc_log_q(QS, values[("stratified", sd)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from qbudget.adversaries.base import AdversaryData, AdversaryResult
+from qbudget.adversaries.base import AdversaryData, AdversaryResult, TwoSampleResult
 from qbudget.errors import QBudgetError
 
 #: name -> (module, config class name)
@@ -20,6 +20,8 @@ ADVERSARIES = {
     "embed": ("qbudget.adversaries.embed", "EmbedConfig"),
     "pairwise": ("qbudget.adversaries.pairwise", "PairwiseConfig"),
     "finetune": ("qbudget.adversaries.finetune", "FinetuneConfig"),
+    # a two-sample test (p-values, no advantage): opt in with adversaries = [..., "mmd"]
+    "mmd": ("qbudget.adversaries.mmd", "MMDConfig"),
 }
 DEFAULT_ADVERSARIES = ("ngram", "embed", "pairwise")
 
@@ -34,4 +36,4 @@ def get_adversary(name: str):
 
 
 __all__ = ["ADVERSARIES", "DEFAULT_ADVERSARIES", "AdversaryData", "AdversaryResult",
-           "get_adversary"]
+           "TwoSampleResult", "get_adversary"]

@@ -31,6 +31,9 @@ class AdversaryData:
     test_idx: np.ndarray              # int64 indices of adversary-test prompts
     encoder: object | None = None     # SentenceEncoder (needed by embed/pairwise/finetune)
     encode_batch_size: int = 64
+    #: the student's tokenizer when the evaluation has one (``mmd`` compares its token ids;
+    #: answers read from files have none, and ``mmd`` then compares words)
+    tokenizer: object | None = None
     _emb: dict = field(default_factory=dict, repr=False)
 
     def embeddings(self, which: str) -> np.ndarray:
@@ -56,6 +59,35 @@ class AdversaryResult:
     q: int                            # adversary-train prompts used
     t: int                            # optimiser steps
     flops: float                      # estimated training + test FLOPs
+    extra: dict = field(default_factory=dict)
+
+
+def prompt_outcomes(result: AdversaryResult, n_test: int) -> np.ndarray:
+    """Per adversary-test prompt, the 0/1 correctness of its units: bool ``[n_test, k]``.
+
+    The unit layout every classifier adversary follows: single-answer adversaries return
+    ``2 * n_test`` units, the teacher answers of the test prompts (in ``test_idx`` order)
+    then their student answers (``k = 2``: column 0 teacher, 1 student); the pairwise
+    adversary one unit per test prompt (``k = 1``). Sequential certification consumes
+    prompts, since a prompt is what costs a teacher answer.
+    """
+    c = np.asarray(result.correct, bool).reshape(-1)
+    if len(c) == 2 * n_test:
+        return np.stack([c[:n_test], c[n_test:]], axis=1)
+    if len(c) == n_test:
+        return c[:, None]
+    raise QBudgetError(f"an adversary returned {len(c)} test units for {n_test} test prompts")
+
+
+@dataclass
+class TwoSampleResult:
+    """What a test adversary (``mmd``) returns instead of per-unit outcomes: per category
+    (``"all"`` and each category name), ``(statistic, p_value, n_prompts)``."""
+
+    tests: dict                       # category -> (statistic, p_value, n)
+    q: int                            # adversary-train prompts used (0: nothing is fitted)
+    t: int                            # optimiser steps (0)
+    flops: float
     extra: dict = field(default_factory=dict)
 
 

@@ -54,3 +54,20 @@ class FinetuneConfig:
     max_length: int = 128
     use_prompt: bool = True       # encode (prompt, answer) as a BERT sentence pair
     eval_batch: int = 64
+
+
+@dataclass(frozen=True)
+class MMDConfig:
+    """The MMD two-sample test (``mmd``): no training, so ``q`` and ``t`` bound nothing.
+
+    They exist because every ``[eval.<adversary>]`` table has them (``q`` must stay None:
+    the test uses every probe prompt, train and test split alike, since nothing is fitted).
+    ``length`` is the completion length L the token ids are truncated or padded to (the
+    Hamming kernel compares position by position); ``n_permutations`` sets the p-value's
+    resolution (its floor is 1 / (1 + n_permutations)).
+    """
+
+    q: int | None = None
+    t: int = 1
+    length: int = 32
+    n_permutations: int = 1000

@@ -22,6 +22,11 @@ def run_command(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its ledger and state."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Shared response cache (SQLite); default DIR/responses.sqlite."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+    certify: Optional[float] = typer.Option(
+        None, "--certify", metavar="EPS",
+        help="Stop buying at the first checkpoint where every adversary is certified "
+             "EPS-indistinguishable (sequential, anytime-valid; level from [certify] alpha, "
+             "default 0.05)."),
 ) -> None:
     """Spend a teacher-query budget with one strategy; write results.parquet and manifest.json."""
     from qbudget.config import load_run_config
@@ -30,7 +35,8 @@ def run_command(
 
     if config is None and (world is None or strategy is None or budget is None):
         raise QBudgetError("give --world, --strategy and --budget (or --config FILE.toml)")
-    cfg = load_run_config(config, world=world, strategy=strategy, budget=budget, seed=seed)
+    cfg = load_run_config(config, world=world, strategy=strategy, budget=budget, seed=seed,
+                          certify=certify)
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -53,4 +59,13 @@ def run_command(
 
         run.progress = on_progress
         outcome = run.execute()
-    typer.echo(f"done: q={outcome.q} paid={outcome.paid} rows={outcome.rows} -> {outcome.out}")
+    line = f"done: q={outcome.q} paid={outcome.paid} rows={outcome.rows} -> {outcome.out}"
+    if cfg.certify.enabled:
+        from qbudget.rundir import RunDir
+        import json
+
+        info = json.loads(RunDir(out).manifest.read_text()).get("certify", {})
+        line += (f" (certified at q={info['q_certified']}, epsilon={cfg.certify.epsilon:g})"
+                 if info.get("certified") else
+                 f" (not certified at epsilon={cfg.certify.epsilon:g})")
+    typer.echo(line)
