@@ -12,8 +12,9 @@ Layout of a sweep directory::
 Resumption is per cell: a cell whose manifest says ``done`` is skipped, a cell that was
 interrupted is resumed from its ledger and state (see :mod:`qbudget.loop`). Executors:
 ``local`` runs cells in a pool of spawned processes (one JAX process per worker, its thread
-count capped so workers do not oversubscribe the cores); ``ray`` submits the same cell
-function as Ray tasks to a running or local Ray cluster.
+count capped so workers do not oversubscribe the cores); ``ray`` runs cells as Ray tasks
+on a cluster of any size, each in a node-local working directory, returning its files to
+this process, the only writer of the sweep directory (see :mod:`qbudget.ray_executor`).
 """
 
 from __future__ import annotations
@@ -125,9 +126,14 @@ def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict
             "seconds": time.perf_counter() - t}
 
 
-def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
+def prewarm_world(cfg_dict: dict, cache_path: str, *, cache=None,
+                  ledger_path: str | None = None) -> dict:
     """Build the world, embed its pool and buy the probe's teacher answers once, so cells
-    running in parallel share them instead of each paying for them."""
+    running in parallel share them instead of each paying for them.
+
+    ``cache``/``ledger_path``: a ResponseCache-like object and a (throwaway) ledger file to
+    use instead of ``cache_path`` and the ``prewarm-*.sqlite`` beside it (a Ray node).
+    """
     from qbudget.config import RunConfig, from_dict
     from qbudget.evaluate import teacher_answers
     from qbudget.ledger import Ledger, ResponseCache
@@ -139,9 +145,12 @@ def prewarm_world(cfg_dict: dict, cache_path: str) -> dict:
     w = resolve_world(cfg.world)
     probe = [w.probe[i] for i in stratified_subset(w.probe, w.probe_is_train,
                                                    cfg.eval.probe_subset, w.seed)]
-    prewarm = Path(cache_path).with_name(f"prewarm-{world_label(cfg.world)}.sqlite")
-    ledger = Ledger(prewarm, budget=0, cache=ResponseCache(cache_path))
-    teacher_answers(ledger, oracle_for(w), probe, ceiling=cfg.eval.ceiling)
+    prewarm = ledger_path or Path(cache_path).with_name(f"prewarm-{world_label(cfg.world)}.sqlite")
+    ledger = Ledger(prewarm, budget=0, cache=cache if cache is not None else ResponseCache(cache_path))
+    try:
+        teacher_answers(ledger, oracle_for(w), probe, ceiling=cfg.eval.ceiling)
+    finally:
+        ledger.close()
     return {"world": cfg.world, "probe": len(probe)}
 
 
@@ -178,8 +187,12 @@ def check_sweep_dir(out: Path, cfg: BenchConfig) -> None:
     """A sweep directory holds one grid: continuing it with another config is refused."""
     manifest = out / "manifest.json"
     if manifest.is_file():
+        # where cells run ([executor]) does not change what they compute
+        def grid(config: dict) -> dict:
+            return {k: v for k, v in (config or {}).items() if k != "executor"}
+
         previous = json.loads(manifest.read_text()).get("config")
-        if previous != json.loads(json.dumps(cfg.to_dict(), default=list)):
+        if grid(previous) != grid(json.loads(json.dumps(cfg.to_dict(), default=list))):
             raise QBudgetError(f"{out} holds a sweep with a different config; use another --out")
     elif out.exists() and any(out.iterdir()):
         raise QBudgetError(f"output directory {out} is not empty and holds no sweep")
@@ -202,10 +215,27 @@ def validate(cfg: BenchConfig) -> None:
         get_strategy(cell.strategy.name, dict(cell.strategy.params))
 
 
+#: what the sweep manifest keeps of each finished cell's report (seconds: the run itself;
+#: task_s: the whole Ray task, shipping and installing included; node: the Ray node)
+_REPORTED = ("q", "paid", "seconds", "task_s", "node")
+
+
 def run_sweep(cfg: BenchConfig, out: Path, *, executor: str = "local",
-              on_event: Callable[[dict], None] | None = None) -> SweepOutcome:
+              on_event: Callable[[dict], None] | None = None,
+              address: str | None = None) -> SweepOutcome:
+    """Run the grid's unfinished cells; ``address``: the Ray cluster (``executor="ray"``;
+    default ``$RAY_ADDRESS``, else a Ray started on this machine)."""
+    if executor == "ray":
+        from qbudget.ray_executor import require_ray
+
+        require_ray()          # before anything is written
+    elif executor != "local":
+        raise QBudgetError(f"unknown executor '{executor}' (known: local, ray)")
+    elif address:
+        raise QBudgetError("--address selects a Ray cluster: use it with --executor ray")
     validate(cfg)
     check_sweep_dir(out, cfg)
+    previous = _previous(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CELLS_DIR).mkdir(exist_ok=True)
     cache_path = str(out / "responses.sqlite")
@@ -213,7 +243,14 @@ def run_sweep(cfg: BenchConfig, out: Path, *, executor: str = "local",
     cells = cfg.cells()
     manifest.update({"executor": executor, "cells": [cell_name(c) for c in cells], "status": "running"})
     write_json_atomic(out / "manifest.json", manifest)
-    emit = on_event or (lambda ev: None)
+    reports: dict[str, dict] = dict(previous.get("cell_reports") or {})
+
+    def emit(ev: dict) -> None:
+        if ev["event"] == "cell_done":   # where and how long: kept in the sweep manifest
+            reports[ev["cell"]] = {k: v for k, v in ev.items() if k in _REPORTED}
+        if on_event is not None:
+            on_event(ev)
+
     t0 = time.perf_counter()
     todo = [c for c in cells if not cell_done(out / CELLS_DIR / cell_name(c))]
     skipped = len(cells) - len(todo)
@@ -221,14 +258,23 @@ def run_sweep(cfg: BenchConfig, out: Path, *, executor: str = "local",
     if todo:
         if executor == "local":
             _run_local(cfg, todo, out, cache_path, emit)
-        elif executor == "ray":
-            _run_ray(cfg, todo, out, cache_path, emit)
         else:
-            raise QBudgetError(f"unknown executor '{executor}' (known: local, ray)")
+            from qbudget.ray_executor import run_ray
+
+            run_ray(cfg, todo, out, cache_path, emit, address=address)
     seconds = time.perf_counter() - t0
-    manifest.update({"status": "done", "seconds": seconds, "skipped_cells": skipped})
+    manifest.update({"status": "done", "seconds": seconds, "skipped_cells": skipped,
+                     "cell_reports": reports})
     write_json_atomic(out / "manifest.json", manifest)
     return SweepOutcome(out, len(cells), skipped, seconds)
+
+
+def _previous(out: Path) -> dict:
+    """The manifest of the sweep being continued ({} for a new one)."""
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _workers(cfg: BenchConfig, n_cells: int) -> int:
@@ -271,7 +317,10 @@ def _run_local(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: s
             for name, q, adv in _drain(queue):
                 emit({"event": "progress", "cell": name, "q": q, "advantage": adv})
             for f in done:
-                report = f.result()  # a failed cell raises here: the sweep stops loudly
+                try:
+                    report = f.result()  # a failed cell raises here: the sweep stops loudly
+                except QBudgetError as err:
+                    raise QBudgetError(f"cell {futures[f]}: {err}") from None
                 if futures[f] != "embeddings":
                     emit({"event": "cell_done", **report})
         for name, q, adv in _drain(queue):
@@ -288,28 +337,6 @@ def _drain(queue) -> list:
             items.append(queue.get_nowait())
         except queue_mod.Empty:
             return items
-
-
-def _run_ray(cfg: BenchConfig, todo: list[RunConfig], out: Path, cache_path: str, emit) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise QBudgetError("--executor ray needs Ray: pip install 'qbudget[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False)
-    remote_cell = ray.remote(num_cpus=1)(run_cell)
-    remote_warm = ray.remote(num_cpus=1)(prewarm_world)
-    worlds = {}
-    for c in todo:
-        worlds.setdefault(c.world, c)
-    ray.get([remote_warm.remote(_as_dict(c), cache_path) for c in worlds.values()])
-    refs = {remote_cell.remote(_as_dict(c), str(out / CELLS_DIR / cell_name(c)), cache_path): cell_name(c)
-            for c in todo}
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        emit({"event": "cell_done", **ray.get(done[0])})
 
 
 def _as_dict(cfg: RunConfig) -> dict:

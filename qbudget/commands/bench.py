@@ -41,6 +41,9 @@ def bench_command(
     out: Path = typer.Option(..., "--out", help="Sweep directory (re-run the same command to resume)."),
     quick: bool = typer.Option(False, "--quick", help="Use benchmarks/quick.toml when no CONFIG is given."),
     executor: str = typer.Option("local", "--executor", help="local (process pool) or ray."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster to run on (--executor ray; default $RAY_ADDRESS, "
+                                "else a Ray started on this machine)."),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress display (the summary still prints)."),
 ) -> None:
     """Compare strategies over a grid of worlds x strategies x seeds; write results, summary, plots."""
@@ -50,22 +53,28 @@ def bench_command(
 
     if executor not in ("local", "ray"):
         raise QBudgetError(f"unknown executor '{executor}' (known: local, ray)")
+    if address and executor != "ray":
+        raise QBudgetError("--address selects a Ray cluster: use it with --executor ray")
     cfg = load_bench_config(_resolve_config(config, quick))
     console = Console()
     t0 = time.perf_counter()
-    outcome = _run_with_progress(cfg, out, executor, console, quiet)
+    outcome = _run_with_progress(cfg, out, executor, console, quiet, address)
     _report(cfg, out, console)
     wall = time.perf_counter() - t0
     console.print(f"[bold]bench done[/bold]: {outcome.cells} cells ({outcome.skipped} already done) "
                   f"wall {wall:.0f} s, peak memory {peak_memory_mb():.0f} MB -> {out}", soft_wrap=True)
 
 
-def _run_with_progress(cfg, out: Path, executor: str, console, quiet: bool):
+def _run_with_progress(cfg, out: Path, executor: str, console, quiet: bool,
+                       address: str | None = None):
     """Run the sweep with a live display: a rich progress bar on a terminal, plain
     throttled lines when stdout is a file or a pipe (``make bench > log``), none with
     ``--quiet``."""
+    import functools
+
     from qbudget.sweep import run_sweep
 
+    run_sweep = functools.partial(run_sweep, address=address)
     if quiet:
         return run_sweep(cfg, out, executor=executor)
     if not console.is_terminal:
