@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qbudget.adversaries.configs import EmbedConfig, FinetuneConfig, NgramConfig, PairwiseConfig
+from qbudget.adversaries.configs import (EmbedConfig, FinetuneConfig, MMDConfig, NgramConfig,
+                                         PairwiseConfig)
 from qbudget.errors import QBudgetError
 
-ADVERSARY_NAMES = ("ngram", "embed", "pairwise", "finetune")
+#: ``mmd`` is a two-sample test, not a classifier: it reports p-values, no advantage
+ADVERSARY_NAMES = ("ngram", "embed", "pairwise", "finetune", "mmd")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class BudgetConfig:
     checkpoints: tuple[int, ...] = ()
     first_checkpoint: int = 16
     ratio: float = 4.0
+
+
+#: compute dtypes of the student's frozen base (``[distill] compute_dtype``)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class DistillConfig:
     steps_per_round: int = 48
     batch_size: int = 16
     max_len: int = 96
+    #: dtype the frozen base computes in: "float32" (the CPU default) or "bfloat16" (the
+    #: usual choice on an accelerator); adapters, optimiser state, softmax and loss stay
+    #: float32 either way
+    compute_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -80,12 +90,35 @@ class EvalConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mmd: MMDConfig = field(default_factory=MMDConfig)
 
     def adversary_config(self, name: str):
         """The bounds and settings of adversary ``name`` (QBudgetError if unknown)."""
         if name not in ADVERSARY_NAMES:
             raise QBudgetError(f"unknown adversary '{name}' (known: {', '.join(ADVERSARY_NAMES)})")
         return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """``[certify]``: stop buying once every adversary is certified ε-indistinguishable.
+
+    Off unless ``epsilon`` is given (``qbudget run --certify EPS`` sets it). At each
+    checkpoint the adversary-test prompts are consumed in a seeded random order and a
+    betting e-process (:mod:`qbudget.certify`) decides, at that checkpoint's share
+    ``alpha / (r (r + 1))`` of ``alpha``, whether every adversary's advantage is ≤ ε; the
+    run stops at the first checkpoint where all are, and "certified" then holds at level
+    ``alpha`` over the whole run however many checkpoints it had.
+    """
+
+    #: the ε to certify, in (0, 1); None = certification off
+    epsilon: float | None = None
+    #: level of the whole run's certification (spent over its checkpoints)
+    alpha: float = 0.05
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
 
 
 @dataclass(frozen=True)
@@ -102,6 +135,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
 
     def schedule(self, pool_size: int) -> list[int]:
         """The q values at which the run evaluates (always includes 0 and the total)."""
@@ -121,6 +155,22 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorConfig:
+    """``[executor]`` of a bench TOML: what each cell of a Ray sweep asks the cluster for.
+
+    Ray reserves ``cpus_per_cell`` CPUs and ``gpus_per_cell`` GPUs (fractions pack several
+    cells on one device) per cell, and the cell's JAX gets that many threads (at least one)
+    and sees only its GPUs (none when 0). ``adapters = false`` leaves the distilled
+    adapters on the worker instead of shipping them back into ``cells/<cell>/adapter``.
+    The local executor ignores this table (``workers`` sizes it).
+    """
+
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
+    adapters: bool = True
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """A sweep: the grid plus one RunConfig template shared by every cell."""
 
@@ -129,6 +179,7 @@ class BenchConfig:
     #: per-strategy parameters, e.g. [strategy_params.disagreement] members = 4
     strategy_params: dict = field(default_factory=dict)
     workers: int = 0  # 0 = one per core
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def cells(self) -> list[RunConfig]:
         out = []
@@ -225,6 +276,8 @@ def _check(obj: Any, prefix: str) -> None:
             v = getattr(obj, name)
             _require(v >= 1, prefix + name, "an integer >= 1", v)
         _require(obj.learning_rate > 0, prefix + "learning_rate", "a number > 0", obj.learning_rate)
+        _require(obj.compute_dtype in COMPUTE_DTYPES, prefix + "compute_dtype",
+                 f"one of {', '.join(COMPUTE_DTYPES)}", obj.compute_dtype)
     elif isinstance(obj, EvalConfig):
         _require(obj.probe_subset >= 0, prefix + "probe_subset", "an integer >= 0", obj.probe_subset)
         _require(len(obj.adversaries) > 0, prefix + "adversaries", "a non-empty list", obj.adversaries)
@@ -234,6 +287,19 @@ def _check(obj: Any, prefix: str) -> None:
         _require(0 < obj.alpha < 1, prefix + "alpha", "a number in (0, 1)", obj.alpha)
         _require(obj.encode_batch_size >= 1, prefix + "encode_batch_size", "an integer >= 1",
                  obj.encode_batch_size)
+    elif isinstance(obj, MMDConfig):
+        _require(obj.q is None, prefix + "q", "absent (the MMD test trains on nothing)", obj.q)
+        _require(obj.t >= 1, prefix + "t", "an integer >= 1", obj.t)
+        _require(obj.length >= 1, prefix + "length", "an integer >= 1 (tokens compared)", obj.length)
+        _require(obj.n_permutations >= 1, prefix + "n_permutations", "an integer >= 1",
+                 obj.n_permutations)
+    elif isinstance(obj, CertifyConfig):
+        eps = obj.epsilon
+        _require(eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                                 and 0 < eps < 1), prefix + "epsilon", "a number in (0, 1)", eps)
+        _require(0 < obj.alpha < 1, prefix + "alpha", "a number in (0, 1)", obj.alpha)
+        if eps is not None and not isinstance(eps, float):
+            object.__setattr__(obj, "epsilon", float(eps))
     elif isinstance(obj, (NgramConfig, EmbedConfig, PairwiseConfig, FinetuneConfig)):
         _require(obj.q is None or (isinstance(obj.q, int) and not isinstance(obj.q, bool) and obj.q >= 1),
                  prefix + "q", "an integer >= 1 (adversary-train prompts)", obj.q)
@@ -245,6 +311,10 @@ def _check(obj: Any, prefix: str) -> None:
         for name in ("worlds", "strategies", "seeds"):
             v = getattr(obj, name)
             _require(len(v) > 0, prefix + name, "a non-empty list (empty grid)", list(v))
+    elif isinstance(obj, ExecutorConfig):
+        _require(obj.cpus_per_cell > 0, prefix + "cpus_per_cell", "a number > 0", obj.cpus_per_cell)
+        _require(obj.gpus_per_cell >= 0 and (obj.gpus_per_cell <= 1 or obj.gpus_per_cell.is_integer()),
+                 prefix + "gpus_per_cell", "a fraction in [0, 1] or a whole number", obj.gpus_per_cell)
     elif isinstance(obj, BenchConfig):
         _require(obj.workers >= 0, prefix + "workers", "an integer >= 0", obj.workers)
         for name, params in obj.strategy_params.items():
@@ -270,7 +340,8 @@ def load_run_config(path: str | Path | None, **overrides: Any) -> RunConfig:
 
 
 def apply_overrides(cfg: RunConfig, *, world: str | None = None, strategy: str | None = None,
-                    budget: int | None = None, seed: int | None = None) -> RunConfig:
+                    budget: int | None = None, seed: int | None = None,
+                    certify: float | None = None) -> RunConfig:
     if world is not None:
         cfg = dataclasses.replace(cfg, world=world)
     if strategy is not None and strategy != cfg.strategy.name:
@@ -285,8 +356,22 @@ def apply_overrides(cfg: RunConfig, *, world: str | None = None, strategy: str |
         if seed < 0:
             raise QBudgetError(f"--seed must be >= 0, got {seed}")
         cfg = dataclasses.replace(cfg, seed=seed)
+    if certify is not None:
+        if not 0 < certify < 1:
+            raise QBudgetError(f"--certify must be an epsilon in (0, 1), got {certify}")
+        cfg = dataclasses.replace(cfg, certify=dataclasses.replace(cfg.certify,
+                                                                   epsilon=float(certify)))
     return cfg
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:
-    return from_dict(BenchConfig, read_toml(path))
+    """A bench TOML; a top-level ``[certify]`` is the run template's (``[run.certify]``)."""
+    data = read_toml(path)
+    if "certify" in data:
+        run = data.setdefault("run", {})
+        if not isinstance(run, dict):
+            raise QBudgetError("config key 'run' must be a table")
+        if "certify" in run:
+            raise QBudgetError("config key 'certify' is given twice ([certify] and [run.certify])")
+        run["certify"] = data.pop("certify")
+    return from_dict(BenchConfig, data)

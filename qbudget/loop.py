@@ -19,6 +19,12 @@ interrupted is replayed with the same keys, so it selects the same prompts, whos
 the ledger already holds (they are not bought again), and the run ends with exactly the
 rows an uninterrupted run would have written. Randomness is derived from (seed, round,
 purpose) by :mod:`qbudget.seeding`, never from hidden state, which makes that replay exact.
+
+Certification (``[certify] epsilon``, off by default): each checkpoint's evaluation also
+decides, by a sequential test at that checkpoint's alpha-spending level, whether every
+classifier adversary's advantage is ≤ ε; at the first checkpoint where all are, the run
+records ``q_certified`` and stops buying. The decision is in the saved state, so a
+resumed run stops there too.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class RunState:
     round_q: list[int] = field(default_factory=list)
     #: host copies of the adapters at recent rounds' selection, for signals that ask for them
     adapter_history: dict[int, list] = field(default_factory=dict)
+    #: q of the checkpoint at which certification succeeded (the run stops there), or None
+    certified_q: int | None = None
 
 
 @dataclass
@@ -77,7 +85,7 @@ class Run:
     def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False,
                  cache_path: str | Path | None = None, run_id: str | None = None,
                  progress: Callable[[dict], None] | None = None,
-                 shared_dir: str | Path | None = None):
+                 shared_dir: str | Path | None = None, cache=None):
         from qbudget.realworld import resolve_world
         from qbudget.signals import adapter_history_depth
         from qbudget.strategy import get_strategy
@@ -89,11 +97,19 @@ class Run:
         self.history_depth = adapter_history_depth(self.strategy.signals)
         for name in cfg.eval.adversaries:
             cfg.eval.adversary_config(name)
+        if cfg.certify.enabled:
+            from qbudget.evaluate import classifier_adversaries
+
+            if not classifier_adversaries(cfg.eval):
+                raise QBudgetError("[certify] needs at least one classifier adversary in "
+                                   "eval.adversaries (mmd has no advantage to certify)")
         self.world = resolve_world(cfg.world)
         if cfg.budget.total > len(self.world.pool):
             raise QBudgetError(f"budget {cfg.budget.total} is larger than the pool of world "
                                f"'{cfg.world}' ({len(self.world.pool)} prompts)")
         self.cache_path = Path(cache_path) if cache_path else self.dir.cache
+        # a ResponseCache-like object instead of the file (a remote sweep's cache service)
+        self.cache = cache
         self.run_id = run_id or f"{self.world.name}/{cfg.strategy.name}/seed{cfg.seed}"
         self.progress = progress or (lambda info: None)
         # q = 0 rows shared between runs that differ only in their strategy
@@ -115,7 +131,7 @@ class Run:
         else:
             self._write_manifest(state, "running")
         self.res = res = build_resources(self.cfg, self.world, ledger_path=self.dir.ledger,
-                                         cache_path=self.cache_path)
+                                         cache_path=self.cache_path, cache=self.cache)
         if state.lora is not None:
             restore_adapter_state(res, state.lora, state.optimizer)
         if state.strategy_state is None and state.round == 0:
@@ -132,9 +148,12 @@ class Run:
                     state.evaluated.append(state.q)
                 self.progress({"event": "evaluated", "q": state.q, "budget": total,
                                "advantage": _headline(rows)})
+                if getattr(state, "certified_q", None) is not None:
+                    self.progress({"event": "certified", "q": state.q, "budget": total,
+                                   "epsilon": self.cfg.certify.epsilon})
                 with timed("bookkeeping"):
                     self._save(state)
-            if state.q >= total:
+            if state.q >= total or getattr(state, "certified_q", None) is not None:
                 break
             k = min(self.cfg.budget.round_size, min(c for c in schedule if c > state.q) - state.q)
             with timed("signals"):
@@ -220,6 +239,8 @@ class Run:
         from qbudget.evaluate import evaluate_student, teacher_answers
 
         res, cfg = self.res, self.cfg
+        # 1-based position of this checkpoint in the schedule: its alpha-spending share
+        index = self.cfg.schedule(len(self.world.pool)).index(state.q) + 1
 
         def compute() -> list[dict]:
             teacher, teacher2 = teacher_answers(res.ledger, res.oracle, res.probe,
@@ -227,7 +248,7 @@ class Run:
             return evaluate_student(res.student, res.tokenizer, res.probe, res.probe_is_train,
                                     teacher, teacher2, sampling=self.world.sampling,
                                     seed=cfg.seed, checkpoint=state.q, encoder=res.encoder,
-                                    config=cfg.eval)
+                                    config=cfg.eval, certify=cfg.certify, certify_index=index)
 
         if state.q == 0:
             key = base_eval_key(cfg.to_dict(), self.world.root, [p.id for p in res.probe])
@@ -235,8 +256,15 @@ class Run:
         else:
             rows = compute()
         base = {"run_id": self.run_id, "world": self.world.name, "strategy": cfg.strategy.name,
-                "seed": cfg.seed, "q": state.q, "paid": res.ledger.paid}
-        return [{**base, **row} for row in rows]
+                "seed": cfg.seed, "q": state.q, "paid": res.ledger.paid,
+                "eval_paid": res.ledger.eval_paid}
+        rows = [{**base, **row} for row in rows]
+        if cfg.certify.enabled and _certified(rows):
+            state.certified_q = state.q
+            rows.append({**base, "metric": "q_certified", "adversary": "", "category": "all",
+                         "value": float(state.q), "ci_low": float("nan"),
+                         "ci_high": float("nan"), "n": 0})
+        return rows
 
     def _save(self, state: RunState) -> None:
         state.lora, state.optimizer = adapter_state(self.res)
@@ -253,8 +281,19 @@ class Run:
             "round": state.round, "checkpoints": self.cfg.schedule(len(self.world.pool)),
             "evaluated": state.evaluated, "probe_size": len(self.world.probe),
             "probe_evaluated": len(res.probe) if res else None,
-            "timings": dataclasses.asdict(state.timings), "response_cache": str(self.cache_path),
+            "timings": dataclasses.asdict(state.timings),
+            **({"certify": {"epsilon": self.cfg.certify.epsilon, "alpha": self.cfg.certify.alpha,
+                            "certified": getattr(state, "certified_q", None) is not None,
+                            "q_certified": getattr(state, "certified_q", None)}}
+               if self.cfg.certify.enabled else {}),
+            "response_cache": str(self.cache if self.cache is not None else self.cache_path),
         })
+
+
+def _certified(rows: list[dict]) -> bool:
+    """Whether this checkpoint's joint certification verdict (adversary ``max``) passed."""
+    return any(r["metric"] == "certified" and r["adversary"] == "max" and r["value"] == 1.0
+               for r in rows)
 
 
 def _headline(rows: list[dict]) -> float | None:

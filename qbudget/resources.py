@@ -38,8 +38,13 @@ class Resources:
     pool_embeddings: Callable[[], np.ndarray]   # computed (or read from cache) on first use
 
 
-def build_resources(cfg: RunConfig, world, *, ledger_path: Path, cache_path: Path) -> Resources:
-    """Load the student (with fresh adapters), the teacher, the ledger and the probe."""
+def build_resources(cfg: RunConfig, world, *, ledger_path: Path, cache_path: Path,
+                    cache=None) -> Resources:
+    """Load the student (with fresh adapters), the teacher, the ledger and the probe.
+
+    ``cache``: a ResponseCache-like object to share answers through instead of opening
+    ``cache_path`` (a Ray sweep's cells reach the driver's cache through a service).
+    """
     from flax import nnx
 
     from qbudget.ledger import Ledger, ResponseCache
@@ -50,7 +55,7 @@ def build_resources(cfg: RunConfig, world, *, ledger_path: Path, cache_path: Pat
     from qbudget.oracles import oracle_for
 
     d = cfg.distill
-    student = CausalLM.from_pretrained(world.student_dir)
+    student = CausalLM.from_pretrained(world.student_dir, dtype=d.compute_dtype)
     attach_lora(student, rank=d.rank, alpha=d.alpha, targets=d.targets,
                 key=key_for(cfg.seed, "lora-init"))
     optimizer = make_optimizer(student, d.learning_rate, wrt=nnx.LoRAParam)
@@ -65,7 +70,8 @@ def build_resources(cfg: RunConfig, world, *, ledger_path: Path, cache_path: Pat
 
     return Resources(
         world=world, oracle=TimedOracle(oracle_for(world)),
-        ledger=Ledger(ledger_path, budget=cfg.budget.total, cache=ResponseCache(cache_path)),
+        ledger=Ledger(ledger_path, budget=cfg.budget.total,
+                      cache=cache if cache is not None else ResponseCache(cache_path)),
         student=student, tokenizer=load_tokenizer(world.student_dir), optimizer=optimizer,
         encoder=shared_encoder(), probe=[world.probe[i] for i in keep],
         probe_is_train=np.asarray(world.probe_is_train)[keep], categories=categories,

@@ -50,6 +50,32 @@ if "QBUDGET_TEST_HOME" not in os.environ:
 os.environ["QBUDGET_HOME"] = os.environ["QBUDGET_TEST_HOME"]
 
 
+def _configure_jax_read_only(_configure=None):
+    """This pytest process reads JAX's persistent compile cache but never writes it.
+
+    Why: late in a long in-process session (hundreds of tests, thousands of compiles and
+    freed executables), writing a cache entry crashed the process inside the C++ unwinder
+    (libgcc_s) while XLA serialized an executable, three times across two sessions. The
+    ``qbudget`` subprocesses the tests start still write and read the cache as users' do.
+    """
+    import jax
+
+    _configure()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+
+
+def _install_read_only_cache() -> None:
+    import functools
+
+    import qbudget.runtime as runtime
+
+    runtime.configure_jax = functools.partial(_configure_jax_read_only,
+                                              _configure=runtime.configure_jax)
+
+
+_install_read_only_cache()
+
+
 @pytest.fixture(scope="session")
 def micro_world():
     """The embedded micro world, built once per session into the session's home."""
