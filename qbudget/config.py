@@ -28,9 +28,19 @@ ADVERSARY_NAMES = ("ngram", "embed", "pairwise", "finetune", "mmd")
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """How many training queries to spend and where to evaluate along the way."""
+    """How much to spend on training queries and where to evaluate along the way.
+
+    ``total`` (also written ``queries``) caps the queries; ``tokens`` and ``usd`` cap the
+    training purchases' tokens and dollars too (None = no cap): whichever is reached first
+    stops buying, and the run then evaluates where it stopped. ``eval_usd`` caps the
+    dollars spent on evaluation answers (probe and ceiling). Dollars are priced with the
+    world's ``[teacher.price]`` (the embedded worlds have a default price).
+    """
 
     total: int = 256
+    tokens: int | None = None
+    usd: float | None = None
+    eval_usd: float | None = None
     #: queries bought per round (the last round before a checkpoint is shortened to land on it)
     round_size: int = 64
     #: evaluation points; empty = geometric (0, first, x ratio, ..., total)
@@ -247,6 +257,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are named."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    if cls is BudgetConfig and "queries" in data:   # the query cap's other name
+        if "total" in data:
+            raise QBudgetError(f"config key '{prefix}queries' and '{prefix}total' are the same "
+                               "setting: give one")
+        data = {("total" if k == "queries" else k): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise QBudgetError(
@@ -271,6 +286,16 @@ def _check(obj: Any, prefix: str) -> None:
         _require(obj.ratio > 1, prefix + "ratio", "a number > 1", obj.ratio)
         for c in obj.checkpoints:
             _require(0 <= c <= obj.total, prefix + "checkpoints", f"within 0..{obj.total}", c)
+        tok = obj.tokens
+        _require(tok is None or (isinstance(tok, int) and not isinstance(tok, bool) and tok >= 1),
+                 prefix + "tokens", "an integer >= 1", tok)
+        for name in ("usd", "eval_usd"):
+            v = getattr(obj, name)
+            _require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                   and math.isfinite(v) and v > 0),
+                     prefix + name, "a number > 0 (US dollars)", v)
+            if isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(obj, name, float(v))
     elif isinstance(obj, DistillConfig):
         for name in ("rank", "steps_per_round", "batch_size", "max_len"):
             v = getattr(obj, name)

@@ -24,12 +24,27 @@ Two counts: ``q``, the training queries the run consumed (the x axis of every cu
 ``paid``, the oracle calls this run actually made for them. Evaluation (probe) answers go
 through the same store and cache but are counted apart (``eval_paid``) and never touch q.
 
+Spend in three units. Every answer carries its token usage
+(:class:`qbudget.oracles.usage.Usage`: the endpoint's count, the teacher tokenizer's, a
+recording's, or an estimate, marked so) and its cost at the run's :class:`Price`. The
+budget caps training purchases in queries (``budget``) and optionally in tokens and
+dollars (:class:`Caps`); whichever is reached first stops buying. Before a request is
+sent its *worst case* (prompt tokens plus the ``max_tokens`` it asks for) is reserved
+under every cap in the same transaction as the query, so concurrent buyers can never
+overrun one; when the answer arrives the reservation is settled at the real usage. A
+request whose worst case does not fit is not sent. Evaluation answers are the ``eval``
+account: reported apart and capped by ``Caps.eval_usd``, reserved the same way chunk by
+chunk. Budgets count what the run *consumed* (an answer served from the shared cache costs
+the run what it would have cost alone, so a simulated study's curve does not depend on
+which cell ran first); ``paid_usd`` is the bill this run actually caused.
+
 A prompt already bought in this run is refused (QBudgetError) rather than silently served:
 the loop never asks twice, so a repeat means a bug or a resume that forgot ``bought()``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -40,8 +55,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from dataclasses import dataclass
+
 from qbudget.errors import QBudgetError
 from qbudget.oracles.base import Oracle, OracleCallError, prompt_hash
+from qbudget.oracles.usage import Price, Usage, answer_with_usage, estimate_tokens, worst_case
 from qbudget.pool import Prompt
 
 _HOST = socket.gethostname()
@@ -68,6 +86,14 @@ class _Db:
         with self.tx() as con:
             for stmt in filter(str.strip, schema.split(";")):
                 con.execute(stmt)
+
+    def add_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Add ``columns`` (name -> SQL type) missing from ``table`` (files made before them)."""
+        with self.tx() as con:
+            have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -151,6 +177,14 @@ class ResponseCache(_Store):
     ) WITHOUT ROWID
     """
 
+    #: usage of each answer (null in files written before usage was recorded)
+    USAGE_COLUMNS = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
+                     "usage_source": "TEXT", "usage_usd": "REAL"}
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self._db.add_columns("responses", self.USAGE_COLUMNS)
+
     def get_many(self, fingerprint: str, texts: Sequence[str], sample: int = 0) -> dict[int, str]:
         """Cached answers for ``texts``: {position: response} for the hits only."""
         shas = [prompt_hash(t) for t in texts]
@@ -164,41 +198,46 @@ class ResponseCache(_Store):
                 found[sha] = resp
         return {i: found[s] for i, s in enumerate(shas) if s in found}
 
-    def put_many(self, fingerprint: str, items: Sequence[tuple[str, str]], sample: int = 0) -> None:
-        """Store (prompt text, response) pairs; the first answer stored for a key wins."""
+    def put_many(self, fingerprint: str, items: Sequence[tuple], sample: int = 0) -> None:
+        """Store (prompt text, response[, Usage]) items; the first answer stored for a key wins."""
         if not items:
             return
         with self._db.tx() as con:
             con.executemany(
-                "INSERT OR IGNORE INTO responses (fingerprint, prompt_sha, sample, response) "
-                "VALUES (?, ?, ?, ?)",
-                [(fingerprint, prompt_hash(t), sample, r) for t, r in items])
+                "INSERT OR IGNORE INTO responses (fingerprint, prompt_sha, sample, response, "
+                "prompt_tokens, completion_tokens, usage_source, usage_usd) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(fingerprint, prompt_hash(item[0]), sample, item[1],
+                  *_usage_row(item[2] if len(item) > 2 else None)) for item in items])
 
     def __len__(self) -> int:
         return self._db.conn().execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def claim(self, fingerprint: str, shas: Sequence[str], sample: int,
-              owner: str) -> tuple[dict[str, str], list[str]]:
+              owner: str) -> tuple[dict[str, tuple[str, Usage | None]], list[str]]:
         """Claim the right to pay for the answers of ``shas`` (prompt hashes).
 
         Why: buyers that share this cache (the cells of a sweep, in other processes) may
         want the same prompt at the same moment; without a claim both would miss the cache
         and both pay. Returns ``(answered, mine)``: answers already in the cache, and the
-        hashes this ``owner`` now holds and must buy (then :meth:`release`). The rest are
+        hashes this ``owner`` now holds and must buy (then :meth:`release`); an answer comes
+        with its recorded usage (None for answers stored before usage was). The rest are
         held by another live buyer: wait for its answers and claim again. A claim whose
         owner died (this host: its process is gone; another host: older than
         ``_FOREIGN_CLAIM_S``) is taken over.
         """
         shas = list(dict.fromkeys(shas))   # mine keeps this order: the order they are paid in
-        answered: dict[str, str] = {}
+        answered: dict[str, tuple[str, Usage | None]] = {}
         mine: list[str] = []
         now = time.time()
         with self._db.tx() as con:
             for part in _chunks(shas, _SQL_CHUNK):
                 marks = ",".join("?" * len(part))
-                answered.update(con.execute(
-                    f"SELECT prompt_sha, response FROM responses WHERE fingerprint=? AND "
-                    f"sample=? AND prompt_sha IN ({marks})", (fingerprint, sample, *part)))
+                for sha, resp, *usage in con.execute(
+                        f"SELECT prompt_sha, response, prompt_tokens, completion_tokens, "
+                        f"usage_source, usage_usd FROM responses WHERE fingerprint=? AND "
+                        f"sample=? AND prompt_sha IN ({marks})", (fingerprint, sample, *part)):
+                    answered[sha] = (resp, _usage_from_row(*usage))
                 held = dict(((sha, (who, at)) for sha, who, at in con.execute(
                     f"SELECT prompt_sha, owner, claimed_at FROM claims WHERE fingerprint=? "
                     f"AND sample=? AND prompt_sha IN ({marks})", (fingerprint, sample, *part))))
@@ -216,6 +255,52 @@ class ResponseCache(_Store):
         """Drop every claim ``owner`` holds (its answers are stored, or it failed)."""
         with self._db.tx() as con:
             con.execute("DELETE FROM claims WHERE owner=?", (owner,))
+
+
+def _usage_row(usage: Usage | None) -> tuple:
+    """A Usage as its four SQL columns (all null when unknown)."""
+    if usage is None:
+        return (None, None, None, None)
+    return (usage.prompt_tokens, usage.completion_tokens, usage.source, usage.usd)
+
+
+def _usage_from_row(prompt_tokens, completion_tokens, source, usd) -> Usage | None:
+    if prompt_tokens is None or completion_tokens is None or source is None:
+        return None
+    return Usage(int(prompt_tokens), int(completion_tokens), str(source),
+                 None if usd is None else float(usd))
+
+
+def _estimated(text: str, response: str) -> Usage:
+    """The usage of an answer stored before usage was recorded: an estimate, marked so."""
+    return Usage(estimate_tokens(text), estimate_tokens(response), "estimate")
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits beyond the query budget: training tokens and dollars, evaluation dollars.
+
+    None = no limit in that unit. Dollars need a :class:`Price` (or answers that carry
+    their own cost).
+    """
+
+    tokens: int | None = None
+    usd: float | None = None
+    eval_usd: float | None = None
+
+    def __post_init__(self):
+        if self.tokens is not None and (isinstance(self.tokens, bool)
+                                        or not isinstance(self.tokens, int) or self.tokens < 0):
+            raise QBudgetError(f"budget.tokens must be an integer >= 0, got {self.tokens!r}")
+        for name in ("usd", "eval_usd"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v >= 0):
+                raise QBudgetError(f"budget.{name} must be a number >= 0, got {v!r}")
+
+    @property
+    def train_capped(self) -> bool:
+        return self.tokens is not None or self.usd is not None
 
 
 #: a claim by a buyer on another host is presumed dead after this long (no pid to check)
@@ -265,16 +350,33 @@ class Ledger(_Store):
         kind TEXT NOT NULL CHECK (kind IN ('train', 'eval')),
         paid INTEGER NOT NULL,
         PRIMARY KEY (fingerprint, prompt_sha, sample)
-    ) WITHOUT ROWID
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS eval_holds (owner TEXT PRIMARY KEY, usd REAL NOT NULL)
     """
+    #: a purchase: the answer's usage and cost once bought, the worst case while reserved
+    PURCHASE_COLUMNS = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
+                        "usage_source": "TEXT", "usd": "REAL",
+                        "reserve_tokens": "INTEGER", "reserve_usd": "REAL"}
+    #: a stored answer: its usage and its cost at the run's price
+    ANSWER_COLUMNS = {"prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
+                      "usage_source": "TEXT", "usage_usd": "REAL", "usd": "REAL"}
 
-    def __init__(self, path: str | Path, budget: int, cache: ResponseCache | None = None):
+    def __init__(self, path: str | Path, budget: int, cache: ResponseCache | None = None, *,
+                 caps: Caps | None = None, price: Price | None = None):
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
             raise QBudgetError(f"budget must be a non-negative integer, got {budget!r}")
         super().__init__(path)
+        self._db.add_columns("purchases", self.PURCHASE_COLUMNS)
+        self._db.add_columns("answers", self.ANSWER_COLUMNS)
         self._budget = budget
         self.cache = cache
         with self._db.tx() as con:
+            self._caps = self._fixed(con, "caps", caps, Caps(),
+                                     lambda c: json.dumps([c.tokens, c.usd, c.eval_usd]),
+                                     lambda t: Caps(*json.loads(t)))
+            self._price = self._fixed(con, "price", price, Price(),
+                                      lambda p: json.dumps([p.input_per_mtok, p.output_per_mtok]),
+                                      lambda t: Price(*json.loads(t)))
             row = con.execute("SELECT value FROM meta WHERE key='budget'").fetchone()
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('budget', ?)", (str(budget),))
@@ -283,10 +385,31 @@ class Ledger(_Store):
                                    f"not {budget}")
             self._clear_stale(con)
 
+    def _fixed(self, con, key: str, given, default, dump, load):
+        """A setting fixed when the ledger is created: stored, and checked on every reopen
+        that states it (None = whatever the ledger was started with)."""
+        row = con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            value = given if given is not None else default
+            con.execute("INSERT INTO meta VALUES (?, ?)", (key, dump(value)))
+            return value
+        if given is not None and dump(given) != row[0]:
+            raise QBudgetError(f"ledger {self.path} was started with {key} {row[0]}, "
+                               f"not {dump(given)}")
+        return load(row[0])
+
     # -- counts --------------------------------------------------------------------------
     @property
     def budget(self) -> int:
         return self._budget
+
+    @property
+    def caps(self) -> Caps:
+        return self._caps
+
+    @property
+    def price(self) -> Price:
+        return self._price
 
     def _scalar(self, sql: str, *args) -> int:
         return int(self._db.conn().execute(sql, args).fetchone()[0])
@@ -311,6 +434,37 @@ class Ledger(_Store):
         """Budget not yet bought nor reserved by an in-flight purchase."""
         return self._budget - self._scalar("SELECT COUNT(*) FROM purchases")
 
+    def spend(self) -> dict:
+        """What the run consumed and paid, per account, in every unit.
+
+        ``train``: ``q``, ``tokens``, ``usd`` (committed purchases: what the caps count),
+        ``paid``, ``paid_tokens``, ``paid_usd`` (the oracle calls this run made), and
+        ``estimated`` (purchases whose usage is an estimate). ``eval``: ``answers``,
+        ``tokens``, ``usd`` (evaluation answers the run used), ``paid``, ``paid_tokens``,
+        ``paid_usd``, ``estimated``. Each account also counts answers that came from a
+        server, a tokenizer or a recording in ``counted``.
+        """
+        con = self._db.conn()
+        q, tokens, usd, est = con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens + completion_tokens), 0), "
+            "COALESCE(SUM(usd), 0.0), COALESCE(SUM(usage_source = 'estimate'), 0) "
+            "FROM purchases WHERE state='bought'").fetchone()
+        out = {"train": {"q": int(q), "tokens": int(tokens), "usd": float(usd),
+                         "estimated": int(est)}}
+        for kind in ("train", "eval"):
+            n, tok, cost, e, paid, ptok, pusd = con.execute(
+                "SELECT COUNT(*), COALESCE(SUM(prompt_tokens + completion_tokens), 0), "
+                "COALESCE(SUM(usd), 0.0), COALESCE(SUM(usage_source = 'estimate'), 0), "
+                "COALESCE(SUM(paid), 0), "
+                "COALESCE(SUM(CASE WHEN paid=1 THEN prompt_tokens + completion_tokens END), 0), "
+                "COALESCE(SUM(CASE WHEN paid=1 THEN usd END), 0.0) "
+                "FROM answers WHERE kind=?", (kind,)).fetchone()
+            acct = out.setdefault(kind, {})
+            if kind == "eval":
+                acct.update(answers=int(n), tokens=int(tok), usd=float(cost), estimated=int(e))
+            acct.update(paid=int(paid), paid_tokens=int(ptok), paid_usd=float(pusd))
+        return out
+
     def bought(self) -> list[tuple[str, str]]:
         """(prompt id, response) of every committed purchase, in purchase order."""
         return [tuple(r) for r in self._db.conn().execute(
@@ -322,6 +476,15 @@ class Ledger(_Store):
             "SELECT prompt_id, prompt_text, response FROM purchases WHERE state='bought' "
             "ORDER BY seq")]
 
+    def purchase_records(self) -> list[dict]:
+        """Every committed purchase in order, with its usage and the cost charged:
+        dicts with id, prompt, response, prompt_tokens, completion_tokens, usage_source, usd."""
+        keys = ("id", "prompt", "response", "prompt_tokens", "completion_tokens",
+                "usage_source", "usd")
+        return [dict(zip(keys, r)) for r in self._db.conn().execute(
+            "SELECT prompt_id, prompt_text, response, prompt_tokens, completion_tokens, "
+            "usage_source, usd FROM purchases WHERE state='bought' ORDER BY seq")]
+
     # -- buying --------------------------------------------------------------------------
     @staticmethod
     def _clear_stale(con: sqlite3.Connection) -> None:
@@ -332,9 +495,29 @@ class Ledger(_Store):
             if host == _HOST and pid.isdigit() and int(pid) != os.getpid() \
                     and not _pid_alive(int(pid)):
                 con.execute("DELETE FROM purchases WHERE owner=? AND state='reserved'", (owner,))
+        for (owner,) in con.execute("SELECT owner FROM eval_holds").fetchall():
+            host, pid, _ = (owner or "::").split(":", 2)
+            if host == _HOST and pid.isdigit() and int(pid) != os.getpid() \
+                    and not _pid_alive(int(pid)):
+                con.execute("DELETE FROM eval_holds WHERE owner=?", (owner,))
 
-    def buy(self, oracle: Oracle, prompts: Sequence[Prompt]) -> list[str]:
-        """Buy answers for ``prompts``: all of them, durably, within budget -- or none."""
+    def _train_committed(self, con) -> tuple[int, int, float]:
+        """(queries, tokens, usd) bought or reserved: bought at their real usage, reserved
+        at their worst case."""
+        n, tokens, usd = con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state='bought' THEN "
+            "prompt_tokens + completion_tokens ELSE reserve_tokens END), 0), "
+            "COALESCE(SUM(CASE WHEN state='bought' THEN usd ELSE reserve_usd END), 0.0) "
+            "FROM purchases").fetchone()
+        return int(n), int(tokens), float(usd)
+
+    def buy(self, oracle: Oracle, prompts: Sequence[Prompt], *,
+            up_to_cap: bool = False) -> list[str]:
+        """Buy answers for ``prompts``: all of them, durably, within budget -- or none.
+
+        With ``up_to_cap`` the longest prefix of ``prompts`` whose worst case fits every cap
+        is bought instead (possibly none): the answers returned are that prefix's.
+        """
         prompts = list(prompts)
         if not prompts:
             return []
@@ -342,6 +525,8 @@ class Ledger(_Store):
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise QBudgetError(f"prompt '{dup}' appears twice in one purchase")
+        caps = self._caps
+        worst = [worst_case(oracle, p) for p in prompts] if caps.train_capped else None
         owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
         with self._db.tx() as con:
             self._check_oracle(con, oracle)
@@ -353,28 +538,62 @@ class Ledger(_Store):
                 if row is not None:
                     how = "already bought" if row[1] == "bought" else "being bought concurrently"
                     raise QBudgetError(f"prompt '{row[0]}' is {how} in this run")
-            used = con.execute("SELECT COUNT(*) FROM purchases").fetchone()[0]
-            if used + len(prompts) > self._budget:
-                raise QBudgetError(
-                    f"buying {len(prompts)} answers would exceed the budget: "
-                    f"{used} of {self._budget} queries used, {self._budget - used} left")
+            used, tokens, usd = self._train_committed(con)
+            fit, reserve = self._fitting(prompts, worst, used, tokens, usd, up_to_cap)
+            prompts = prompts[:fit]
+            if not prompts:
+                return []
             con.executemany(
-                "INSERT INTO purchases (prompt_id, prompt_text, state, owner) "
-                "VALUES (?, ?, 'reserved', ?)", [(p.id, p.text, owner) for p in prompts])
+                "INSERT INTO purchases (prompt_id, prompt_text, state, owner, reserve_tokens, "
+                "reserve_usd) VALUES (?, ?, 'reserved', ?, ?, ?)",
+                [(p.id, p.text, owner, *r) for p, r in zip(prompts, reserve)])
         try:
-            answers = self._answers(oracle, prompts, 0, "train", len(prompts))
+            got = self._answers(oracle, prompts, 0, "train", len(prompts))
             with self._db.tx() as con:
-                for p, resp in zip(prompts, answers):
+                for p, (resp, usage) in zip(prompts, got):
                     cur = con.execute(
-                        "UPDATE purchases SET state='bought', response=?, owner=NULL "
-                        "WHERE prompt_id=? AND owner=? AND state='reserved'", (resp, p.id, owner))
+                        "UPDATE purchases SET state='bought', response=?, owner=NULL, "
+                        "prompt_tokens=?, completion_tokens=?, usage_source=?, usd=? "
+                        "WHERE prompt_id=? AND owner=? AND state='reserved'",
+                        (resp, usage.prompt_tokens, usage.completion_tokens, usage.source,
+                         self._price.cost(usage), p.id, owner))
                     if cur.rowcount != 1:
                         raise RuntimeError(f"reservation for prompt '{p.id}' vanished")
         except BaseException:
             with self._db.tx() as con:
                 con.execute("DELETE FROM purchases WHERE owner=? AND state='reserved'", (owner,))
             raise
-        return answers
+        return [resp for resp, _ in got]
+
+    def _fitting(self, prompts, worst, used: int, tokens: int, usd: float,
+                 up_to_cap: bool) -> tuple[int, list[tuple[int | None, float | None]]]:
+        """How many of ``prompts`` (a prefix) fit every cap, and each one's reservation."""
+        caps, reserve = self._caps, []
+        for i in range(len(prompts)):
+            over = None
+            if used + i + 1 > self._budget:
+                over = (f"the budget: {used} of {self._budget} queries used, "
+                        f"{self._budget - used} left")
+            elif worst is not None:
+                w = worst[i]
+                cost = self._price.cost(w)
+                if caps.tokens is not None and tokens + w.tokens > caps.tokens:
+                    over = (f"budget.tokens: {tokens} of {caps.tokens} tokens used or reserved, "
+                            f"the next request may use {w.tokens}")
+                elif caps.usd is not None and usd + cost > caps.usd + 1e-12:
+                    over = (f"budget.usd: ${usd:.6f} of ${caps.usd:g} used or reserved, "
+                            f"the next request may cost ${cost:.6f}")
+                else:
+                    tokens, usd = tokens + w.tokens, usd + cost
+                    reserve.append((w.tokens, cost))
+                    continue
+            else:
+                reserve.append((None, None))
+                continue
+            if up_to_cap:
+                return i, reserve
+            raise QBudgetError(f"buying {len(prompts)} answers would exceed {over}")
+        return len(prompts), reserve
 
     def _check_oracle(self, con: sqlite3.Connection, oracle: Oracle) -> None:
         row = con.execute("SELECT value FROM meta WHERE key='oracle_fingerprint'").fetchone()
@@ -391,36 +610,45 @@ class Ledger(_Store):
         """Probe answers through the same store and cache, counted in ``eval_paid``, never q.
 
         Oracle calls are made ``chunk_size`` prompts at a time and committed after each
-        chunk, so an interrupted evaluation keeps what it already paid for.
+        chunk, so an interrupted evaluation keeps what it already paid for. With
+        ``Caps.eval_usd`` each chunk's worst case is reserved first; a chunk that does not
+        fit is not sent (QBudgetError naming the cap).
         """
-        return self._answers(oracle, list(prompts), int(sample), "eval", max(1, chunk_size))
+        got = self._answers(oracle, list(prompts), int(sample), "eval", max(1, chunk_size))
+        return [resp for resp, _ in got]
 
     # -- answers: run store -> shared cache -> oracle --------------------------------------
-    def _store_get(self, fp: str, shas: Sequence[str], sample: int) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def _store_get(self, fp: str, shas: Sequence[str], sample: int
+                   ) -> dict[str, tuple[str, Usage | None]]:
+        found: dict[str, tuple[str, Usage | None]] = {}
         con = self._db.conn()
         for part in _chunks(sorted(set(shas)), _SQL_CHUNK):
             marks = ",".join("?" * len(part))
-            found.update(con.execute(
-                f"SELECT prompt_sha, response FROM answers WHERE fingerprint=? AND sample=? "
-                f"AND prompt_sha IN ({marks})", (fp, sample, *part)).fetchall())
+            for sha, resp, *usage in con.execute(
+                    f"SELECT prompt_sha, response, prompt_tokens, completion_tokens, "
+                    f"usage_source, usage_usd FROM answers WHERE fingerprint=? AND sample=? "
+                    f"AND prompt_sha IN ({marks})", (fp, sample, *part)):
+                found[sha] = (resp, _usage_from_row(*usage))
         return found
 
-    def _store_put(self, fp: str, items: dict[str, tuple[str, str]], sample: int, kind: str,
-                   paid: bool) -> None:
-        """items: sha -> (text, response). Committed to the run's own store first, then cache."""
+    def _store_put(self, fp: str, items: dict[str, tuple[str, str, Usage]], sample: int,
+                   kind: str, paid: bool) -> None:
+        """items: sha -> (text, response, usage). Committed to the run's own store first,
+        then the cache."""
         if not items:
             return
         with self._db.tx() as con:
             con.executemany(
                 "INSERT OR IGNORE INTO answers (fingerprint, prompt_sha, sample, response, kind, "
-                "paid) VALUES (?, ?, ?, ?, ?, ?)",
-                [(fp, sha, sample, resp, kind, int(paid)) for sha, (_, resp) in items.items()])
+                "paid, prompt_tokens, completion_tokens, usage_source, usage_usd, usd) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(fp, sha, sample, resp, kind, int(paid), *_usage_row(u), self._price.cost(u))
+                 for sha, (_, resp, u) in items.items()])
         if paid and self.cache is not None:
-            self.cache.put_many(fp, list(items.values()), sample)
+            self.cache.put_many(fp, [(t, r, u) for t, r, u in items.values()], sample)
 
     def _answers(self, oracle: Oracle, prompts: list[Prompt], sample: int, kind: str,
-                 chunk_size: int) -> list[str]:
+                 chunk_size: int) -> list[tuple[str, Usage]]:
         if not prompts:
             return []
         fp = oracle.fingerprint
@@ -431,17 +659,31 @@ class Ledger(_Store):
         for p, sha in zip(prompts, shas):
             if sha not in have:
                 missing.setdefault(sha, p)
+        hold = self._hold_eval(oracle, list(missing.values())) if kind == "eval" else None
+        try:
+            self._fill(oracle, missing, sample, kind, chunk_size, have)
+        finally:
+            if hold is not None:
+                with self._db.tx() as con:
+                    con.execute("DELETE FROM eval_holds WHERE owner=?", (hold,))
+        return self._with_usage(prompts, shas, have)
+
+    def _fill(self, oracle: Oracle, missing: dict[str, Prompt], sample: int, kind: str,
+              chunk_size: int, have: dict) -> None:
+        """Answers for ``missing`` (hash -> prompt) into ``have``: shared cache, else paid."""
+        fp = oracle.fingerprint
         if self.cache is None:
             self._pay(oracle, list(missing.items()), sample, kind, chunk_size, have)
-            return [have[sha] for sha in shas]
+            return
         owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
         try:
             while missing:
                 answered, mine = self.cache.claim(fp, list(missing), sample, owner)
-                from_cache = {s: (missing[s].text, r) for s, r in answered.items()}
+                from_cache = {s: (missing[s].text, r, u or _estimated(missing[s].text, r))
+                              for s, (r, u) in answered.items()}
                 self._store_put(fp, from_cache, sample, kind, paid=False)
-                for sha, (_, resp) in from_cache.items():
-                    have[sha] = resp
+                for sha, (_, resp, usage) in from_cache.items():
+                    have[sha] = (resp, usage)
                     del missing[sha]
                 self._pay(oracle, [(sha, missing.pop(sha)) for sha in mine], sample, kind,
                           chunk_size, have)
@@ -450,27 +692,58 @@ class Ledger(_Store):
                     time.sleep(_CLAIM_POLL_S)
         finally:
             self.cache.release(owner)
-        return [have[sha] for sha in shas]
+
+    @staticmethod
+    def _with_usage(prompts, shas, have) -> list[tuple[str, Usage]]:
+        out = []
+        for p, sha in zip(prompts, shas):
+            resp, usage = have[sha]
+            out.append((resp, usage if usage is not None else _estimated(p.text, resp)))
+        return out
+
+    def _hold_eval(self, oracle: Oracle, batch: list[Prompt]) -> str | None:
+        """Reserve under ``Caps.eval_usd`` the worst case of the evaluation answers this run
+        does not hold yet (from the cache or the oracle, they are the run's spend), or
+        refuse before anything is sent: an evaluation is never left half bought."""
+        cap = self._caps.eval_usd
+        if cap is None or not batch:
+            return None
+        need = sum(self._price.cost(worst_case(oracle, p)) for p in batch)
+        owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex}"
+        with self._db.tx() as con:
+            self._clear_stale(con)
+            spent = con.execute("SELECT COALESCE(SUM(usd), 0.0) FROM answers "
+                                "WHERE kind='eval'").fetchone()[0]
+            held = con.execute("SELECT COALESCE(SUM(usd), 0.0) FROM eval_holds").fetchone()[0]
+            if spent + held + need > cap + 1e-12:
+                raise QBudgetError(
+                    f"evaluation answers would exceed budget.eval_usd: ${spent + held:.6f} of "
+                    f"${cap:g} used or reserved, the next {len(batch)} requests may cost "
+                    f"${need:.6f}")
+            con.execute("INSERT INTO eval_holds VALUES (?, ?)", (owner, need))
+        return owner
 
     def _pay(self, oracle: Oracle, todo: list[tuple[str, Prompt]], sample: int, kind: str,
-             chunk_size: int, have: dict[str, str]) -> None:
+             chunk_size: int, have: dict) -> None:
         """Ask the oracle for ``todo`` (hash, prompt) in chunks, storing each chunk's answers
         (run store, then the shared cache) before the next; results go into ``have``."""
         fp = oracle.fingerprint
         for part in _chunks(todo, chunk_size):
             batch = [p for _, p in part]
             try:
-                got = oracle.answer(batch, sample=sample)
+                got = answer_with_usage(oracle, batch, sample)
             except OracleCallError as exc:
-                kept = {part[i][0]: (batch[i].text, r) for i, r in exc.partial.items()}
+                kept = {part[i][0]: (batch[i].text, r, exc.partial_usage.get(i)
+                                     or _estimated(batch[i].text, r))
+                        for i, r in exc.partial.items()}
                 self._store_put(fp, kept, sample, kind, paid=True)
                 raise
-            if len(got) != len(batch) or not all(isinstance(r, str) for r in got):
+            if len(got) != len(batch) or not all(isinstance(r, str) for r, _ in got):
                 raise RuntimeError(f"oracle {oracle.name} returned {len(got)} answers "
                                    f"for {len(batch)} prompts")
-            fresh = {sha: (p.text, r) for (sha, p), r in zip(part, got)}
+            fresh = {sha: (p.text, r, u) for (sha, p), (r, u) in zip(part, got)}
             self._store_put(fp, fresh, sample, kind, paid=True)
-            have.update({sha: r for sha, (_, r) in fresh.items()})
+            have.update({sha: (r, u) for sha, (_, r, u) in fresh.items()})
         # re-read what is stored: if a concurrent buyer stored the same text first, its
         # answer is the run's answer (first stored wins, as in the cache)
         if todo:

@@ -30,6 +30,7 @@ resumed run stops there too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ class RunState:
     adapter_history: dict[int, list] = field(default_factory=dict)
     #: q of the checkpoint at which certification succeeded (the run stops there), or None
     certified_q: int | None = None
+    #: the cap ("budget.tokens", "budget.usd") that stopped buying before the query budget
+    #: was spent, or None; the run evaluates where it stopped and ends
+    stopped_by: str | None = None
 
 
 @dataclass
@@ -107,6 +111,10 @@ class Run:
         if cfg.budget.total > len(self.world.pool):
             raise QBudgetError(f"budget {cfg.budget.total} is larger than the pool of world "
                                f"'{cfg.world}' ({len(self.world.pool)} prompts)")
+        for key in ("usd", "eval_usd"):
+            if getattr(cfg.budget, key) is not None and getattr(self.world, "price", None) is None:
+                raise QBudgetError(f"budget.{key} needs the teacher's price: set [teacher.price] "
+                                   f"input_per_mtok and output_per_mtok in {cfg.world}")
         self.cache_path = Path(cache_path) if cache_path else self.dir.cache
         # a ResponseCache-like object instead of the file (a remote sweep's cache service)
         self.cache = cache
@@ -115,6 +123,7 @@ class Run:
         # q = 0 rows shared between runs that differ only in their strategy
         self.shared_dir = Path(shared_dir) if shared_dir else None
         self.res: Resources | None = None
+        self._pool_tokens: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def out(self) -> Path:
@@ -141,7 +150,8 @@ class Run:
         schedule = self.cfg.schedule(len(self.world.pool))
         total, timed = self.cfg.budget.total, state.timings.stage
         while True:
-            if state.q in schedule and state.q not in state.evaluated:
+            stopped = getattr(state, "stopped_by", None) is not None
+            if (state.q in schedule or stopped) and state.q not in state.evaluated:
                 with timed("evaluate"):
                     rows = self._evaluate(state)
                     self.dir.append_results(rows)
@@ -153,7 +163,7 @@ class Run:
                                    "epsilon": self.cfg.certify.epsilon})
                 with timed("bookkeeping"):
                     self._save(state)
-            if state.q >= total or getattr(state, "certified_q", None) is not None:
+            if state.q >= total or getattr(state, "certified_q", None) is not None or stopped:
                 break
             k = min(self.cfg.budget.round_size, min(c for c in schedule if c > state.q) - state.q)
             with timed("signals"):
@@ -163,8 +173,16 @@ class Run:
                 picks, strategy_state = self.strategy.select(
                     state.strategy_state, signals, ctx, k, key_for(self.cfg.seed, "select", state.round))
             with timed("buy"), timed("oracle", clock=lambda: res.oracle.seconds):
-                self._buy(picks)
-            state.q += len(picks)
+                bought = self._buy(picks)
+            state.q += bought
+            if bought < len(picks):
+                state.stopped_by = self._cap_reached()
+                self.progress({"event": "stopped", "q": state.q, "budget": total,
+                               "cap": state.stopped_by})
+                if bought == 0:   # nothing new to learn from: evaluate where it stands
+                    with timed("bookkeeping"):
+                        self._save(state)
+                    continue
             with timed("distill"):
                 loss = self._distill(state)
             with timed("bookkeeping"):
@@ -206,20 +224,62 @@ class Run:
             sampling=self.world.sampling, pool_embeddings=res.pool_embeddings,
             cache_dir=self.world.root, round=state.round, q=state.q,
             budget=self.cfg.budget.total, seed=self.cfg.seed, round_q=tuple(state.round_q),
-            adapter_history=dict(state.adapter_history))
+            adapter_history=dict(state.adapter_history),
+            expected_cost=functools.cache(lambda: self._expected_cost(state.q)))
+
+    def _expected_cost(self, q: int) -> np.ndarray:
+        """What buying each pool prompt is expected to cost (see ``SelectionContext``):
+        US$ at the teacher's price, or tokens where the teacher is free."""
+        from qbudget.oracles.usage import worst_case
+
+        res = self.res
+        if self._pool_tokens is None:   # prompt tokens and max completion: fixed for a run
+            worst = [worst_case(res.oracle, p) for p in self.world.pool]
+            self._pool_tokens = (np.array([w.prompt_tokens for w in worst], np.float64),
+                                 np.array([w.completion_tokens for w in worst], np.float64))
+        prompt, completion = self._pool_tokens
+        completion = completion.copy()
+        bought = res.ledger.purchase_records()[:q]
+        done = [(res.index_of[r["id"]], r["completion_tokens"]) for r in bought
+                if r["completion_tokens"] is not None]
+        if done:
+            idx, ct = np.array([i for i, _ in done]), np.array([c for _, c in done], np.float64)
+            completion[:] = ct.mean()
+            cats = np.asarray(res.categories)
+            for c in np.unique(cats[idx]):
+                completion[cats == c] = ct[cats[idx] == c].mean()
+        price = res.ledger.price
+        if price.input_per_mtok == 0 and price.output_per_mtok == 0:
+            return prompt + completion
+        return (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6
 
     def _signals(self, ctx, round_: int) -> dict:
         from qbudget.signals import compute_signals
 
         return compute_signals(self.strategy.signals, ctx, key_for(self.cfg.seed, "signals", round_))
 
-    def _buy(self, picks: np.ndarray) -> None:
-        """Buy the picked prompts; ones bought before a crash are reused, never re-bought."""
+    def _buy(self, picks: np.ndarray) -> int:
+        """Buy the picked prompts; ones bought before a crash are reused, never re-bought.
+
+        Returns how many of the picks are bought: all of them, or -- when a token or dollar
+        cap is reached -- the leading ones whose worst case still fitted (the ledger buys a
+        prefix, so a replayed round finds the same prefix bought).
+        """
         pool, ledger = self.world.pool, self.res.ledger
         already = {pid for pid, _ in ledger.bought()}
         fresh = [pool[int(i)] for i in picks if pool[int(i)].id not in already]
-        if fresh:
-            ledger.buy(self.res.oracle, fresh)
+        got = ledger.buy(self.res.oracle, fresh, up_to_cap=ledger.caps.train_capped) if fresh else []
+        return len(picks) - len(fresh) + len(got)
+
+    def _cap_reached(self) -> str:
+        """Which cap stopped a purchase short (the one with the least room left)."""
+        caps, spend = self.res.ledger.caps, self.res.ledger.spend()["train"]
+        room = {}
+        if caps.tokens is not None:
+            room["budget.tokens"] = (caps.tokens - spend["tokens"]) / max(caps.tokens, 1)
+        if caps.usd is not None:
+            room["budget.usd"] = (caps.usd - spend["usd"]) / caps.usd
+        return min(room, key=room.get) if room else "budget"
 
     def _distill(self, state: RunState) -> float:
         """Train the adapters ``steps_per_round`` steps on everything bought; mean late loss."""
@@ -239,8 +299,9 @@ class Run:
         from qbudget.evaluate import evaluate_student, teacher_answers
 
         res, cfg = self.res, self.cfg
-        # 1-based position of this checkpoint in the schedule: its alpha-spending share
-        index = self.cfg.schedule(len(self.world.pool)).index(state.q) + 1
+        # 1-based position of this evaluation among the run's evaluations: its share of
+        # alpha (a run stopped by a cap evaluates once more, off the schedule)
+        index = len(state.evaluated) + 1
 
         def compute() -> list[dict]:
             teacher, teacher2 = teacher_answers(res.ledger, res.oracle, res.probe,
@@ -255,9 +316,11 @@ class Run:
             rows = base_rows(self.shared_dir, key, compute)
         else:
             rows = compute()
+        spend = res.ledger.spend()
         base = {"run_id": self.run_id, "world": self.world.name, "strategy": cfg.strategy.name,
-                "seed": cfg.seed, "q": state.q, "paid": res.ledger.paid,
-                "eval_paid": res.ledger.eval_paid}
+                "seed": cfg.seed, "q": state.q, "paid": spend["train"]["paid"],
+                "eval_paid": spend["eval"]["paid"], "tokens": spend["train"]["tokens"],
+                "usd": spend["train"]["usd"], "eval_usd": spend["eval"]["usd"]}
         rows = [{**base, **row} for row in rows]
         if cfg.certify.enabled and _certified(rows):
             state.certified_q = state.q
@@ -278,6 +341,9 @@ class Run:
             "strategy": self.cfg.strategy.name, "strategy_params": dict(self.strategy.params),
             "budget": self.cfg.budget.total, "q": state.q,
             "paid": res.ledger.paid if res else 0, "eval_paid": res.ledger.eval_paid if res else 0,
+            **({"spend": res.ledger.spend(), "price": dataclasses.asdict(res.ledger.price),
+                "caps": dataclasses.asdict(res.ledger.caps),
+                "stopped_by": getattr(state, "stopped_by", None)} if res else {}),
             "round": state.round, "checkpoints": self.cfg.schedule(len(self.world.pool)),
             "evaluated": state.evaluated, "probe_size": len(self.world.probe),
             "probe_evaluated": len(res.probe) if res else None,

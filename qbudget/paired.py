@@ -23,7 +23,10 @@ For comparisons with the power to decide (:func:`permutation_compare`):
   spread), printed with every verdict so that "not distinguishable" says what could
   have been seen;
 * a **hierarchical bootstrap** interval over seeds, then probe items within each seed
-  (:func:`hierarchical_bootstrap_ci`), for a seed × item table of per-item values.
+  (:func:`hierarchical_bootstrap_ci`), for a seed × item table of per-item values, and
+  the same from per-seed item counts (:func:`hierarchical_bootstrap_counts`: what a
+  results table keeps, so what the sweep summary uses; the item-level pairing of the two
+  cells is not stored, so their items are drawn independently, which errs wide).
 """
 
 from __future__ import annotations
@@ -331,6 +334,57 @@ def hierarchical_bootstrap_ci(table, baseline=None, *, rng: np.random.Generator,
         seeds = rng.integers(0, s, size=(b, s))
         items = rng.integers(0, n_items, size=(b, s, n_items))
         means[i:i + b] = x[seeds[:, :, None], items].mean(axis=(1, 2))
+    a = 1.0 - confidence
+    lo, hi = np.quantile(scale * means, [a / 2, 1 - a / 2])
+    return est, float(lo), float(hi)
+
+
+def hierarchical_bootstrap_counts(rate, n, base_rate, base_n, *, rng: np.random.Generator,
+                                  n_resamples: int = 2_000, confidence: float = 0.95,
+                                  scale: float = 1.0) -> tuple[float, float, float]:
+    """(estimate, low, high) of the mean over seeds of ``scale × (rate − base_rate)``, by
+    a hierarchical bootstrap over seeds, then items, from per-seed item *counts*.
+
+    ``rate[s]`` is the share of its ``n[s]`` items a strategy's adversary got right in
+    seed ``s`` (``base_rate``/``base_n``: the baseline's, same seeds, same order). This is
+    what a results table keeps of a seed × item 0/1 table (``value`` and ``n`` of an
+    advantage row: rate = (advantage + 1) / 2), and it is enough for the item level:
+    drawing ``n`` items with replacement from a 0/1 column whose share of ones is ``p``
+    gives Binomial(n, p) ones, whatever the order of the items. Each resample draws seeds
+    with replacement, then, within each drawn seed, the strategy's and the baseline's
+    items — as :func:`hierarchical_bootstrap_ci` does on the tables themselves — except
+    that the two cells' items are drawn *independently*: which item of the strategy's
+    table sits beside which of the baseline's is not stored, so the item-level pairing is
+    not kept. Item outcomes of two cells on the same probe prompts correlate positively
+    if at all (shared prompts, shared teacher answers), and then the independent draw
+    overstates the item noise of the difference: like :func:`hierarchical_bootstrap_ci`
+    the interval errs wide. ``scale=2`` turns accuracies into advantages.
+    """
+    arrays = [np.asarray(v, np.float64).reshape(-1) for v in (rate, n, base_rate, base_n)]
+    if len({len(v) for v in arrays}) != 1:
+        raise QBudgetError("hierarchical_bootstrap_counts needs one rate and one item count "
+                           "per seed for both cells")
+    p, m, pb, mb = arrays
+    if not all(np.isfinite(v).all() for v in arrays):
+        raise QBudgetError("hierarchical_bootstrap_counts needs finite rates and item counts")
+    if ((m < 1) | (mb < 1) | (m != np.round(m)) | (mb != np.round(mb))).any():
+        raise QBudgetError("item counts must be whole numbers ≥ 1")
+    if ((p < -1e-9) | (p > 1 + 1e-9) | (pb < -1e-9) | (pb > 1 + 1e-9)).any():
+        raise QBudgetError("rates must lie in [0, 1]")
+    if not 0 < confidence < 1:
+        raise QBudgetError(f"confidence must be in (0, 1), got {confidence}")
+    p, pb = np.clip(p, 0.0, 1.0), np.clip(pb, 0.0, 1.0)
+    m, mb = m.astype(np.int64), mb.astype(np.int64)
+    s = len(p)
+    if s == 0:
+        return math.nan, math.nan, math.nan
+    est = float(scale * (p - pb).mean())
+    if s < 2:
+        return est, math.nan, math.nan
+    seeds = rng.integers(0, s, size=(int(n_resamples), s))
+    ones = rng.binomial(m[seeds], p[seeds]) / m[seeds]
+    base_ones = rng.binomial(mb[seeds], pb[seeds]) / mb[seeds]
+    means = (ones - base_ones).mean(axis=1)
     a = 1.0 - confidence
     lo, hi = np.quantile(scale * means, [a / 2, 1 - a / 2])
     return est, float(lo), float(hi)

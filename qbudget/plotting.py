@@ -1,4 +1,4 @@
-"""Advantage-vs-q figures (matplotlib, drawn off-screen).
+"""Advantage-vs-q figures (matplotlib, drawn off-screen); or against tokens or dollars.
 
 One line per strategy (mean over seeds) with its 95% Student-t band over seeds (no band
 with a single seed, as in the summary), on a symmetric-log q axis (``linthresh=1``) so that
@@ -36,46 +36,79 @@ FACETS = (None, "category", "adversary")
 _LABELS = {"advantage": "distinguishing advantage", "similarity": "semantic similarity"}
 
 
-def _curve(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per q: mean over seeds and the 95% t-interval (NaN with one seed)."""
-    per_seed = frame.groupby(["seed", "q"], as_index=False)["value"].mean()
+#: what the x axis may show: queries, or what they cost (results columns of the same name)
+X_AXES = ("q", "tokens", "usd")
+_X_LABELS = {"q": "teacher queries q", "tokens": "teacher tokens (training purchases)",
+             "usd": "US$ spent on training purchases"}
+
+
+def _curve(frame: pd.DataFrame, x: str = "q") -> pd.DataFrame:
+    """Per q: mean over seeds and the 95% t-interval (NaN with one seed), placed at ``x``:
+    q itself, or the mean over seeds of the tokens / dollars spent by that q.
+
+    Against tokens or dollars the points are a run's evaluations in order (its k-th
+    checkpoint across seeds), not equal q: runs stopped by a token or dollar cap stop at
+    different q, and their last points belong together (``q`` is then their mean)."""
+    per_seed = frame.groupby(["seed", "q"], as_index=False).agg(
+        value=("value", "mean"), x=(x, "mean"))
+    key = "q"
+    if x != "q":
+        per_seed["rank"] = per_seed.groupby("seed")["q"].rank(method="first")
+        key = "rank"
     rows = []
-    for q, g in per_seed.groupby("q", sort=True):
+    for _, g in per_seed.groupby(key, sort=True):
         m, lo, hi, n = mean_ci(g["value"])
-        rows.append((int(q), m, lo, hi, n))
-    return pd.DataFrame(rows, columns=["q", "mean", "lo", "hi", "n"])
+        rows.append((int(round(g["q"].mean())), float(g["x"].mean()), m, lo, hi, n))
+    return pd.DataFrame(rows, columns=["q", "x", "mean", "lo", "hi", "n"])
 
 
-def _style_q_axis(ax, qs: list[int]) -> None:
-    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
-    if qs:
-        ax.set_xlim(left=0, right=max(qs) * 1.15 if max(qs) > 0 else 1)
-        if len(qs) <= 9:
-            ax.set_xticks(qs)
-            ax.set_xticklabels([str(q) for q in qs])
+def _style_x_axis(ax, xs: list[float], x: str = "q") -> None:
+    positive = [v for v in xs if v > 0]
+    linthresh = 1.0 if x == "q" else (min(positive) if positive else 1.0)
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    if xs:
+        top = max(xs)
+        ax.set_xlim(left=0, right=top * 1.15 if top > 0 else 1)
+        if len(xs) <= 9:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([_x_tick(v, x) for v in xs], rotation=0 if x == "q" else 30,
+                               fontsize=None if x == "q" else 7)
             ax.minorticks_off()
-    ax.set_xlabel("teacher queries q (symlog)")
+    ax.set_xlabel(f"{_X_LABELS[x]} (symlog)")
     ax.grid(True, which="major", alpha=0.3)
+
+
+def _x_tick(v: float, x: str) -> str:
+    if x == "q":
+        return str(int(v))
+    if x == "tokens":
+        return f"{v / 1000:.3g}k" if v >= 1000 else f"{v:.0f}"
+    return f"${v:.3g}"
 
 
 def _draw(ax, frame: pd.DataFrame, strategies: list[str], colors: dict, title: str,
           ylabel: str, epsilon: float | None, baseline: str | None,
-          ceiling: float | None = None, xlabel: bool = True) -> None:
+          ceiling: float | None = None, xlabel: bool = True, x: str = "q") -> None:
+    xs: set[float] = set()
     for s in strategies:
         sub = frame[frame["strategy"] == s]
         if sub.empty:
             continue
-        c = _curve(sub)
+        c = _curve(sub, x)
+        xs.update(c["x"].tolist())
         ls = "--" if s == baseline else "-"
-        ax.plot(c["q"], c["mean"], ls, marker="o", ms=3.5, lw=1.6, color=colors[s], label=s)
+        ax.plot(c["x"], c["mean"], ls, marker="o", ms=3.5, lw=1.6, color=colors[s], label=s)
         band = c.dropna(subset=["lo", "hi"])
         if not band.empty:
-            ax.fill_between(band["q"], band["lo"], band["hi"], color=colors[s], alpha=0.18, lw=0)
+            ax.fill_between(band["x"], band["lo"], band["hi"], color=colors[s], alpha=0.18, lw=0)
     if epsilon is not None:
         ax.axhline(epsilon, color="black", lw=1.0, ls=":", label=f"ε = {epsilon:g}")
     if ceiling is not None and not math.isnan(ceiling):
         ax.axhline(ceiling, color="grey", lw=1.0, ls="-.", label="teacher vs teacher")
-    _style_q_axis(ax, sorted(frame["q"].unique().astype(int).tolist()))
+    if x == "q":
+        _style_x_axis(ax, sorted(frame["q"].unique().astype(int).tolist()))
+    else:   # costs differ per strategy: ticks only where few enough to read
+        _style_x_axis(ax, sorted(xs) if len(xs) <= 6 else [max(xs, default=0.0)], x)
     if not xlabel:
         ax.set_xlabel("")
     ax.set_title(title, fontsize=10)
@@ -109,7 +142,7 @@ def _headline_advantage(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _mark_certified(ax, dw: pd.DataFrame, head: pd.DataFrame, strategies: list[str],
-                    colors: dict) -> None:
+                    colors: dict, x: str = "q") -> None:
     """A star per strategy at its certification point (see the module docstring)."""
     qc = dw[(dw["metric"] == "q_certified") & (dw["category"] == ALL)]
     labelled = False
@@ -119,15 +152,16 @@ def _mark_certified(ax, dw: pd.DataFrame, head: pd.DataFrame, strategies: list[s
             continue
         per_seed = mine.groupby("seed")["value"].min()
         q = int(per_seed.max())
-        c = _curve(head[head["strategy"] == s])
+        c = _curve(head[head["strategy"] == s], x)
         at = c[c["q"] == q]
         if at.empty:
             continue
         seeds = head.loc[head["strategy"] == s, "seed"].nunique()
-        ax.plot([q], [float(at["mean"].iloc[0])], marker="*", ms=13, color=colors[s],
+        where = float(at["x"].iloc[0])
+        ax.plot([where], [float(at["mean"].iloc[0])], marker="*", ms=13, color=colors[s],
                 markeredgecolor="black", ls="none", zorder=5,
                 label=None if labelled else "certified (sequential test)")
-        ax.annotate(f"{len(per_seed)}/{seeds}", (q, float(at["mean"].iloc[0])),
+        ax.annotate(f"{len(per_seed)}/{seeds}", (where, float(at["mean"].iloc[0])),
                     textcoords="offset points", xytext=(6, 6), fontsize=7, color=colors[s])
         labelled = True
 
@@ -152,8 +186,12 @@ def _layout(n: int) -> tuple[int, int]:
 
 def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str = "advantage",
                  by: str | None = None, world: str | None = None, epsilon: float | None = None,
-                 baseline: str | None = "stratified") -> Path:
+                 baseline: str | None = "stratified", x: str = "q") -> Path:
     """Draw ``metric`` against q, one line per strategy, and save to ``out_path``.
+
+    ``x`` = ``"tokens"`` or ``"usd"`` places each checkpoint at the tokens or dollars
+    the training purchases had cost by then (mean over seeds) instead of at q, for users
+    who pay per token.
 
     ``by=None``: the headline figure, one row per world; for advantage the max adversary
     (category all) with a similarity panel beside it. ``by="category"`` or
@@ -170,6 +208,13 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
     if epsilon is not None and not (0 < epsilon <= 1):
         raise QBudgetError(f"epsilon must be in (0, 1], got {epsilon}")
     df, worlds = _select(df, metric, world)
+    if x not in X_AXES:
+        raise QBudgetError(f"unknown x axis '{x}' (choose: {', '.join(X_AXES)})")
+    if x != "q" and (x not in df.columns or df[x].isna().all()):
+        raise QBudgetError(f"the results hold no '{x}' values (written before spend was "
+                           "recorded): plot them against q")
+    if x != "q":
+        df = df[df[x].notna()]
     strategies = sorted(df["strategy"].unique().tolist())
     if baseline in strategies:
         strategies.remove(baseline)
@@ -192,12 +237,12 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
                 head = _headline_advantage(dw)
                 head = head[head["category"] == ALL]
                 _draw(axes[i, 0], head, strategies, colors, f"{w}: max adversary, all categories",
-                      _LABELS["advantage"], eps, baseline)
-                _mark_certified(axes[i, 0], dw, head, strategies, colors)
+                      _LABELS["advantage"], eps, baseline, x=x)
+                _mark_certified(axes[i, 0], dw, head, strategies, colors, x)
                 if panels_per_world == 2:
                     _draw(axes[i, 1], sim[sim["world"] == w], strategies, colors,
                           f"{w}: similarity to teacher", _LABELS["similarity"], None, baseline,
-                          ceiling=_ceiling(dw))
+                          ceiling=_ceiling(dw), x=x)
                     ceiling_line = [h for h in axes[i, 1].get_lines()
                                     if h.get_label() == "teacher vs teacher"]
                     if ceiling_line:
@@ -206,7 +251,7 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
             else:
                 s = dw[(dw["metric"] == "similarity") & (dw["category"] == ALL)]
                 _draw(axes[i, 0], s, strategies, colors, f"{w}: similarity to teacher",
-                      _LABELS["similarity"], None, baseline, ceiling=_ceiling(dw))
+                      _LABELS["similarity"], None, baseline, ceiling=_ceiling(dw), x=x)
         first = axes[0, 0]
     else:
         if len(worlds) > 1:
@@ -236,7 +281,7 @@ def plot_results(df: pd.DataFrame, out_path: str | os.PathLike, *, metric: str =
             ax = axes[k // ncols, k % ncols]
             _draw(ax, dm[dm[col] == name], strategies, colors, f"{by} {name}",
                   _LABELS[metric] if k % ncols == 0 else "", eps, baseline,
-                  xlabel=k + ncols >= len(names))
+                  xlabel=k + ncols >= len(names), x=x)
         for k in range(len(names), nrows * ncols):
             axes[k // ncols, k % ncols].set_visible(False)
         fig.suptitle(f"{w}: {_LABELS[metric]} by {by}"

@@ -20,6 +20,10 @@ Everywhere a world name is accepted (``qbudget run --world``, bench grids, ``qbu
     model = "Qwen/Qwen2.5-7B-Instruct"
     api_key_env = "TEACHER_API_KEY"             # the NAME of the variable; the key is never written
 
+    [teacher.price]                             # US$ per million tokens: budgets in dollars
+    input_per_mtok = 0.40
+    output_per_mtok = 1.20
+
 The world then behaves exactly like an embedded one; its caches (pool embeddings) live
 under the qbudget home, keyed by the TOML's content.
 """
@@ -34,6 +38,7 @@ import numpy as np
 
 from qbudget.config import read_toml
 from qbudget.errors import QBudgetError
+from qbudget.oracles.usage import Price
 from qbudget.pool import Prompt, load_prompts
 
 TEACHER_KINDS = ("local", "http", "replay")
@@ -52,6 +57,8 @@ class RealWorld:
     seed: int
     teacher: dict = field(default_factory=dict)
     teacher_dir: Path | None = None
+    #: ``[teacher.price]``: what the teacher's answers cost (None = not given)
+    price: Price | None = None
 
     def make_oracle(self):
         from qbudget.oracles import HttpOracle, HttpOracleConfig, LocalModelOracle, ReplayOracle
@@ -111,7 +118,10 @@ def load_real_world(path: str | Path) -> RealWorld:
         is_train = np.zeros(len(probe), dtype=bool)
         is_train[rng.permutation(len(probe))[: int(round(0.8 * len(probe)))]] = True
     sampling = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 64, **data.get("sampling", {})}
+    if not isinstance(data["teacher"], dict):
+        raise QBudgetError(f"{src}: 'teacher' must be a table")
     teacher = dict(data["teacher"])
+    price = Price.from_dict(teacher.pop("price")) if "price" in teacher else None
     kind = teacher.get("kind")
     if kind not in TEACHER_KINDS:
         raise QBudgetError(f"{src}: teacher.kind must be one of {', '.join(TEACHER_KINDS)}, got {kind!r}")
@@ -130,7 +140,8 @@ def load_real_world(path: str | Path) -> RealWorld:
     categories = sorted({p.category for p in pool} | {p.category for p in probe})
     return RealWorld(name=str(data.get("name", src.stem)), root=root, pool=pool, probe=probe,
                      probe_is_train=is_train, categories=categories, student_dir=student,
-                     sampling=sampling, seed=seed, teacher=teacher, teacher_dir=teacher_dir)
+                     sampling=sampling, seed=seed, teacher=teacher, teacher_dir=teacher_dir,
+                     price=price)
 
 
 def resolve_world(name: str):

@@ -71,12 +71,28 @@ def build_resources(cfg: RunConfig, world, *, ledger_path: Path, cache_path: Pat
     return Resources(
         world=world, oracle=TimedOracle(oracle_for(world)),
         ledger=Ledger(ledger_path, budget=cfg.budget.total,
-                      cache=cache if cache is not None else ResponseCache(cache_path)),
+                      cache=cache if cache is not None else ResponseCache(cache_path),
+                      caps=budget_caps(cfg), price=world_price(world)),
         student=student, tokenizer=load_tokenizer(world.student_dir), optimizer=optimizer,
         encoder=shared_encoder(), probe=[world.probe[i] for i in keep],
         probe_is_train=np.asarray(world.probe_is_train)[keep], categories=categories,
         category_names=names, index_of={p.id: i for i, p in enumerate(world.pool)},
         pool_embeddings=pool_embeddings)
+
+
+def budget_caps(cfg):
+    """The ledger caps of a run config's ``[budget]`` (beyond its query count)."""
+    from qbudget.ledger import Caps
+
+    b = cfg.budget
+    return Caps(tokens=b.tokens, usd=b.usd, eval_usd=b.eval_usd)
+
+
+def world_price(world):
+    """The price of a world's teacher answers (free when the world names none)."""
+    from qbudget.oracles.usage import Price
+
+    return getattr(world, "price", None) or Price()
 
 
 def adapter_state(res: Resources) -> tuple[dict, dict]:

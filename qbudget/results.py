@@ -34,8 +34,10 @@ CELLS_DIR = "cells"
 #: the integer extras. ``ci_low``/``ci_high`` may be null (a metric without an
 #: interval); ``n`` (sample count behind the value), ``paid`` (real oracle calls so far,
 #: training account) and ``eval_paid`` (real oracle calls so far on the evaluation account:
-#: probe and ceiling answers) may be null when the producer does not know them; files
-#: written before a column existed read back with it null.
+#: probe and ceiling answers), ``tokens`` and ``usd`` (tokens and US dollars of the training
+#: queries consumed up to this q: what ``[budget] tokens`` / ``usd`` cap) and ``eval_usd``
+#: (dollars of the evaluation answers used so far) may be null when the producer does not
+#: know them; files written before a column existed read back with it null.
 SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("world", pa.string(), nullable=False),
@@ -51,14 +53,19 @@ SCHEMA = pa.schema([
     pa.field("n", pa.int64(), nullable=True),
     pa.field("paid", pa.int64(), nullable=True),
     pa.field("eval_paid", pa.int64(), nullable=True),
+    pa.field("tokens", pa.int64(), nullable=True),
+    pa.field("usd", pa.float64(), nullable=True),
+    pa.field("eval_usd", pa.float64(), nullable=True),
 ])
 #: Column order of every results file.
 RESULT_COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
 _STRING = ("run_id", "world", "strategy", "metric", "adversary", "category")
 _INT_REQUIRED = ("seed", "q")
-_INT_OPTIONAL = ("n", "paid", "eval_paid")
-_FLOAT_OPTIONAL = ("ci_low", "ci_high")
+_INT_OPTIONAL = ("n", "paid", "eval_paid", "tokens")
+_FLOAT_OPTIONAL = ("ci_low", "ci_high", "usd", "eval_usd")
+#: columns added after the first results files were written: absent ones read back null
+_LATER = ("n", "paid", "eval_paid", "tokens", "usd", "eval_usd")
 #: Fields a row must carry; ``adversary`` may be "" (non-adversary metrics) but not absent.
 REQUIRED_FIELDS: tuple[str, ...] = _STRING + _INT_REQUIRED + ("value",)
 
@@ -156,13 +163,12 @@ def _read_table(path: Path) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise QBudgetError(f"{path} is not a readable results file ({exc})") from None
-    absent = [c for c in RESULT_COLUMNS if c not in table.column_names
-              and c not in _INT_OPTIONAL]
+    absent = [c for c in RESULT_COLUMNS if c not in table.column_names and c not in _LATER]
     if absent:
         raise QBudgetError(f"{path} is not a results file: it lacks column(s) {', '.join(absent)}")
-    for c in _INT_OPTIONAL:
+    for c in _LATER:
         if c not in table.column_names:
-            table = table.append_column(c, pa.nulls(table.num_rows, pa.int64()))
+            table = table.append_column(c, pa.nulls(table.num_rows, SCHEMA.field(c).type))
     try:
         return table.select(list(RESULT_COLUMNS)).cast(SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

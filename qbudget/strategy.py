@@ -94,6 +94,13 @@ class SelectionContext:
       :func:`qbudget.signals.record_adapters`). Empty when unknown or not needed.
       Why in the context: signals that compare the student with its earlier selves
       (``heldout_gain``) stay functions of the context, and strategies stay pure.
+    - ``expected_cost``: zero-argument callable returning float64 [N], what buying each
+      pool prompt is expected to cost: US$ at the teacher's price (tokens where the
+      teacher is free) -- its prompt tokens as the ledger reserves them, plus the mean
+      completion of the answers bought so far in its category (all categories while its
+      own has none; ``max_tokens`` before any answer). ``None`` when unknown.
+    - ``rank_per_cost``: set by the ``cost_aware`` wrapper: :func:`top_scored` then ranks
+      by score per unit of ``expected_cost`` instead of by score.
     """
 
     pool: Sequence[Any]
@@ -114,6 +121,8 @@ class SelectionContext:
     seed: int = 0
     round_q: tuple[int, ...] = ()
     adapter_history: Mapping[int, list[np.ndarray]] = field(default_factory=dict)
+    expected_cost: Callable[[], np.ndarray] | None = None
+    rank_per_cost: bool = False
 
     @classmethod
     def build(cls, pool: Sequence[Any], bought_indices: Sequence[int] = (),
@@ -348,6 +357,8 @@ def top_scored(indices: np.ndarray, scores: np.ndarray, ctx: SelectionContext, k
     second = np.zeros_like(scores) if secondary is None else np.asarray(secondary, np.float64)
     ok = ~np.asarray(ctx.bought_mask)[indices] & np.isfinite(scores) & np.isfinite(second)
     indices, scores, second = indices[ok], scores[ok], second[ok]
+    if ctx.rank_per_cost:
+        scores = per_cost(scores, indices, ctx)
     order = np.lexsort((indices, -second, -scores))    # score, then secondary, then index
     chosen = indices[order[: int(k)]]
     want = min(int(k), int((~np.asarray(ctx.bought_mask)).sum()))
@@ -355,6 +366,23 @@ def top_scored(indices: np.ndarray, scores: np.ndarray, ctx: SelectionContext, k
         extra = random_unbought(ctx, want - chosen.size, jax.random.fold_in(key, 1), exclude=chosen)
         chosen = np.concatenate([chosen, extra])
     return chosen.astype(np.int64)
+
+
+def per_cost(scores: np.ndarray, indices: np.ndarray, ctx: SelectionContext) -> np.ndarray:
+    """``scores`` per unit of expected cost (``ctx.expected_cost``) of ``indices``.
+
+    Scores are shifted to start at 0 first (a score per cost is only a ranking when
+    scores are non-negative; signals such as divergences and entropies already are), so
+    the least informative candidate is worth nothing whatever it costs.
+    """
+    if ctx.expected_cost is None:
+        raise QBudgetError("cost_aware ranking needs the expected cost of each prompt, which "
+                           "this context does not provide")
+    cost = np.asarray(ctx.expected_cost(), dtype=np.float64)[indices]
+    if scores.size == 0:
+        return scores
+    worth = scores - min(0.0, float(scores.min()))
+    return worth / np.maximum(cost, np.finfo(np.float64).tiny)
 
 
 def top_or_random(signal: str, measure: str, secondary: str | None = None) -> Callable[..., np.ndarray]:

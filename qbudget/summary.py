@@ -24,7 +24,18 @@ From the long results table (:mod:`qbudget.results`) this computes, per world an
   that carries the **minimum detectable difference** at these seeds (α, power 0.8, from
   the observed paired spread) — so "not distinguishable" reads "no difference of at
   least MDE", not "the same". The Wilcoxon signed-rank test this replaced used only
-  ranks; both have the floor ``2 / 2**n``, so at least 6 seeds are needed at α = 0.05;
+  ranks; both have the floor ``2 / 2**n``, so at least 6 seeds are needed at α = 0.05.
+  Beside each final-advantage verdict, the **hierarchical bootstrap** interval of the
+  difference (:func:`qbudget.paired.hierarchical_bootstrap_counts`; columns ``hier_low``,
+  ``hier_high``): seeds with replacement, then the probe items behind each drawn seed's
+  max advantage. Per-item correctness is not stored anywhere (neither results.parquet nor
+  the cell folders keep it), but a results row keeps what the item level needs of one
+  cell, its accuracy (advantage + 1) / 2 and item count ``n``, since redrawing ``n`` 0/1
+  items with replacement is a binomial draw. What is lost is which strategy item sits
+  beside which baseline item, so the two cells' items are redrawn independently, which
+  errs wide when their outcomes correlate positively. The AUC spans several checkpoints
+  whose per-item outcomes (and their dependence across q) are not stored, so it gets the
+  seed-level bootstrap only (NaN there), as does a file without ``n``;
 * **per-category residuals at the final budget**: the max adversary's advantage per
   category; a category "remains" when the mean over seeds of the advantage's lower
   confidence bound is still > 0, i.e. an adversary still tells student from teacher there.
@@ -41,7 +52,7 @@ import pandas as pd
 from scipy import stats
 
 from qbudget.errors import QBudgetError
-from qbudget.paired import EXACT_MAX_SEEDS, permutation_compare
+from qbudget.paired import EXACT_MAX_SEEDS, hierarchical_bootstrap_counts, permutation_compare
 
 MAX = "max"
 ALL = "all"
@@ -66,12 +77,36 @@ class Summary:
     ceiling: pd.DataFrame                     # world n mean ci_low ci_high (teacher vs teacher)
     auc: pd.DataFrame                         # world strategy n mean ci_low ci_high
     epsilon_reached: pd.DataFrame             # world strategy q_reached final_upper
-    paired: pd.DataFrame                      # world strategy baseline measure n mean_diff ...
+    paired: pd.DataFrame                      # PAIRED_COLUMNS: world strategy baseline measure ...
     residuals: pd.DataFrame                   # world strategy category q n mean ... remains
     notes: list[str] = field(default_factory=list)
     #: the runs were certified sequentially: ``epsilon`` is their ε and ``epsilon_reached``
     #: holds the certified q (columns certified, seeds, q_certified)
     certified: bool = False
+    #: what the runs spent by their last q, mean over seeds (world strategy n q tokens usd
+    #: eval_usd); empty when the results carry no spend columns
+    spend: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SPEND_COLUMNS))
+
+
+SPEND_COLUMNS = ["world", "strategy", "n", "q", "tokens", "usd", "eval_usd"]
+
+
+def _spend(df: pd.DataFrame) -> pd.DataFrame:
+    """Per world and strategy, the mean over seeds of what each run had spent at its last
+    q: training tokens and dollars (what ``[budget]`` caps) and evaluation dollars."""
+    if not {"tokens", "usd", "eval_usd"} <= set(df.columns):
+        return pd.DataFrame(columns=SPEND_COLUMNS)
+    have = df.dropna(subset=["usd"])
+    if have.empty:
+        return pd.DataFrame(columns=SPEND_COLUMNS)
+    last = have.loc[have.groupby(["world", "strategy", "seed"])["q"].idxmax()]
+    rows = []
+    for (w, st), g in last.groupby(["world", "strategy"], sort=True):
+        rows.append({"world": w, "strategy": st, "n": len(g), "q": float(g["q"].mean()),
+                     "tokens": float(pd.to_numeric(g["tokens"]).mean()),
+                     "usd": float(g["usd"].mean()),
+                     "eval_usd": float(pd.to_numeric(g["eval_usd"]).mean())})
+    return pd.DataFrame(rows, columns=SPEND_COLUMNS)
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
@@ -116,9 +151,14 @@ def _with_max(adv: pd.DataFrame) -> pd.DataFrame:
 
 def _per_run(df: pd.DataFrame) -> pd.DataFrame:
     """One value per (world, strategy, seed, q, metric, adversary, category): duplicates
-    (the same value written twice) are averaged."""
+    (the same value written twice) are averaged. ``n`` (the items behind a value) is kept
+    as a float, NaN where the table has none."""
     keys = ["world", "strategy", "seed", "q", "metric", "adversary", "category"]
-    return df.groupby(keys, as_index=False)[["value", "ci_low", "ci_high"]].mean()
+    df = df.assign(n=(pd.to_numeric(df["n"], errors="coerce").astype("float64")
+                      if "n" in df.columns else math.nan))
+    out = df.groupby(keys, as_index=False)[["value", "ci_low", "ci_high", "n"]].mean()
+    out["n"] = out["n"].astype("float64")
+    return out
 
 
 def _aggregate(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -234,12 +274,17 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
             continue
         qf = grid[-1]
         final = headline[(headline["world"] == w) & (headline["q"] == qf)]
-        base_final = final[final["strategy"] == baseline].set_index("seed")["value"]
+        base_rows = final[final["strategy"] == baseline].set_index("seed")
+        base_final = base_rows["value"]
         for s in strategies[w]:
             if s == baseline:
                 continue
-            other = final[final["strategy"] == s].set_index("seed")["value"]
+            other_rows = final[final["strategy"] == s].set_index("seed")
+            other = other_rows["value"]
             common = sorted(set(base_final.index) & set(other.index))
+            hier = _hierarchical_final(other_rows.loc[common], base_rows.loc[common],
+                                       rng=_rng(seed, w, s, "final advantage", "hierarchical"),
+                                       n_resamples=n_resamples)
             measures = {
                 "final advantage": [other[sd] - base_final[sd] for sd in common],
                 "advantage AUC": [per_run_auc.get((w, s, int(sd)), math.nan)
@@ -256,15 +301,16 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
                     p_value = math.nan
                     verdict = (f"not distinguishable from baseline at these seeds "
                                f"(n={r.n}: no paired test, MDE n/a)")
+                h_low, h_high = (hier if measure == "final advantage"
+                                 else (math.nan, math.nan))
                 paired_rows.append({
                     "world": w, "strategy": s, "baseline": baseline, "measure": measure,
                     "q": qf, "n": r.n, "mean_diff": r.mean_diff, "ci_low": r.ci_low,
-                    "ci_high": r.ci_high, "statistic": _t_statistic(diffs),
+                    "ci_high": r.ci_high, "hier_low": h_low, "hier_high": h_high,
+                    "statistic": _t_statistic(diffs),
                     "p_value": p_value, "min_p": _min_p(r.n, n_resamples), "mde": r.mde,
                     "verdict": verdict, "note": r.note})
-    paired = pd.DataFrame(paired_rows, columns=[
-        "world", "strategy", "baseline", "measure", "q", "n", "mean_diff", "ci_low", "ci_high",
-        "statistic", "p_value", "min_p", "mde", "verdict", "note"])
+    paired = pd.DataFrame(paired_rows, columns=PAIRED_COLUMNS)
 
     res_rows = []
     for w in worlds:
@@ -292,7 +338,8 @@ def summarize(df: pd.DataFrame, *, baseline: str = "stratified", epsilon: float 
     return Summary(baseline=baseline, epsilon=epsilon, worlds=worlds, strategies=strategies,
                    q_grid=grids, seeds=seeds, advantage=advantage, similarity=similarity,
                    ceiling=ceiling, auc=auc, epsilon_reached=eps, paired=paired,
-                   residuals=residuals, notes=notes, certified=certified_mode)
+                   residuals=residuals, notes=notes, certified=certified_mode,
+                   spend=_spend(df))
 
 
 def _certified_q(runs: pd.DataFrame, world: str, strategy: str) -> dict:
@@ -307,6 +354,31 @@ def _certified_q(runs: pd.DataFrame, world: str, strategy: str) -> dict:
             "final_upper": math.nan, "certified": done, "seeds": len(seeds),
             "q_certified": ", ".join(str(per_seed[sd]) if sd in per_seed else "–"
                                      for sd in seeds)}
+
+
+#: Columns of :attr:`Summary.paired`.
+PAIRED_COLUMNS = ["world", "strategy", "baseline", "measure", "q", "n", "mean_diff", "ci_low",
+                  "ci_high", "hier_low", "hier_high", "statistic", "p_value", "min_p", "mde",
+                  "verdict", "note"]
+
+
+def _hierarchical_final(strategy_rows: pd.DataFrame, base_rows: pd.DataFrame, *,
+                        rng: np.random.Generator, n_resamples: int) -> tuple[float, float]:
+    """The hierarchical bootstrap interval (seeds, then probe items) of the final-q
+    max-advantage difference, from each seed's advantage and item count ``n``
+    (accuracy = (advantage + 1) / 2 of ``n`` units; see
+    :func:`qbudget.paired.hierarchical_bootstrap_counts`). NaN when a paired seed lacks
+    its ``n`` (files from producers that did not record it) or with fewer than 2 seeds."""
+    n_s, n_b = strategy_rows["n"].to_numpy(np.float64), base_rows["n"].to_numpy(np.float64)
+    rate = (strategy_rows["value"].to_numpy(np.float64) + 1.0) / 2.0
+    base = (base_rows["value"].to_numpy(np.float64) + 1.0) / 2.0
+    counts, rates = np.concatenate([n_s, n_b]), np.concatenate([rate, base])
+    if len(n_s) < 2 or not np.isfinite(counts).all() or (counts < 1).any() \
+            or not np.isfinite(rates).all() or (rates < 0).any() or (rates > 1).any():
+        return math.nan, math.nan
+    _, lo, hi = hierarchical_bootstrap_counts(rate, np.round(n_s), base, np.round(n_b),
+                                              rng=rng, n_resamples=n_resamples, scale=2.0)
+    return lo, hi
 
 
 def _t_statistic(diffs) -> float:
@@ -354,6 +426,21 @@ def _fmt_p(p: float) -> str:
     if p is None or math.isnan(p):
         return "–"
     return f"{p:.3g}" if p >= 0.001 else f"{p:.1e}"
+
+
+#: The paired table's column of :func:`_hierarchical_final` and its footnote.
+HIER_HEADER = "hierarchical 95% CI (seeds, items)"
+HIER_FOOT = ("Hierarchical CI: percentile bootstrap over seeds, then over the probe items "
+             "behind each seed's final max advantage (its accuracy and item count n; the "
+             "item-level pairing with the baseline is not stored, so each cell's items are "
+             "redrawn on their own, which errs wide); AUC spans checkpoints whose per-item "
+             "outcomes are not stored, so it has the seed-level interval only (–).")
+
+
+def _hier_cell(lo: float, hi: float, digits: int = 3) -> str:
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return "–"
+    return f"({lo:+.{digits}f}, {hi:+.{digits}f})"
 
 
 def _signed_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
@@ -443,6 +530,7 @@ def world_tables(summary: Summary, world: str,
     pr = s.paired[s.paired["world"] == world]
     if not pr.empty:
         rows = [[r.strategy, r.measure, str(r.n), _signed_ci(r.mean_diff, r.ci_low, r.ci_high, digits),
+                 _hier_cell(r.hier_low, r.hier_high, digits),
                  _num(r.statistic, 2), _fmt_p(r.p_value), "n/a" if math.isinf(r.mde) else _num(r.mde),
                  r.verdict] for r in pr.itertuples()]
         by_note: dict[str, list[str]] = {}
@@ -453,11 +541,11 @@ def world_tables(summary: Summary, world: str,
         qf = int(pr["q"].iloc[0])
         out.append((f"Paired comparison with baseline '{s.baseline}' (strategy − baseline, paired "
                     f"on seed; final q={qf})",
-                    ["strategy", "measure", "n", "mean diff (bootstrap 95% CI)", "paired t",
-                     "sign-flip p", "MDE", "verdict"], rows,
+                    ["strategy", "measure", "n", "mean diff (bootstrap 95% CI)",
+                     HIER_HEADER, "paired t", "sign-flip p", "MDE", "verdict"], rows,
                     "Lower is better (less distinguishable). MDE: the smallest true difference "
                     "these seeds detect with power 0.8 at α = 0.05, from the observed paired "
-                    "spread. " + " ".join(
+                    "spread. " + HIER_FOOT + " " + " ".join(
                         f"{n}." for n in notes)))
 
     res = s.residuals[s.residuals["world"] == world]
@@ -473,6 +561,19 @@ def world_tables(summary: Summary, world: str,
         out.append((f"Per-category residuals at the final budget (q={qf}, max adversary)",
                     ["strategy", "category", "advantage (95% CI)", "mean lower bound",
                      "seeds with LB>0", "remains"], rows, foot))
+
+    sp = s.spend[s.spend["world"] == world].set_index("strategy")
+    if not sp.empty:
+        rows = [[st, f"{sp.loc[st, 'q']:.0f}", f"{sp.loc[st, 'tokens']:,.0f}",
+                 f"{sp.loc[st, 'usd']:.4f}", f"{sp.loc[st, 'eval_usd']:.4f}"]
+                for st in s.strategies[world] if st in sp.index]
+        out.append(("Spend per run (mean over seeds, at each run's last q)",
+                    ["strategy", "q", "training tokens", "training US$", "evaluation US$"], rows,
+                    "Training: the queries bought (what [budget] queries / tokens / usd cap); "
+                    "evaluation: the teacher answers bought for the probe and the ceiling "
+                    "([budget] eval_usd). Priced at the teacher's price; answers served from a "
+                    "shared cache count as spent (the run's own cost), see the manifest for "
+                    "what was actually paid."))
     return out
 
 
@@ -509,7 +610,9 @@ def render_markdown(summary: Summary) -> str:
               "on held-out probe prompts; 0 = indistinguishable to that adversary, 1 = always "
               "told apart. `max` is the best adversary per run (Bonferroni-adjusted interval).",
               "- Intervals over seeds are 95% Student-t intervals of the mean; paired intervals "
-              "are percentile bootstrap intervals of the mean per-seed difference; p-values are "
+              "are percentile bootstrap intervals of the mean per-seed difference, and for the "
+              "final advantage also a hierarchical bootstrap over seeds then probe items; "
+              "p-values are "
               "two-sided paired sign-flip permutation tests across seeds (exact enumeration up "
               "to 16 seeds), each verdict with its minimum detectable difference (MDE, power "
               "0.8).",

@@ -54,8 +54,18 @@ class TimedOracle:
         self.name, self.fingerprint = oracle.name, oracle.fingerprint
 
     def answer(self, prompts, sample: int = 0):
+        return [text for text, _ in self.answer_usage(prompts, sample)]
+
+    def answer_usage(self, prompts, sample: int = 0):
+        from qbudget.oracles.usage import answer_with_usage
+
         t = time.perf_counter()
         try:
-            return self._oracle.answer(prompts, sample=sample)
+            return answer_with_usage(self._oracle, prompts, sample)
         finally:
             self.seconds += time.perf_counter() - t
+
+    def worst_case(self, prompt):
+        from qbudget.oracles.usage import worst_case
+
+        return worst_case(self._oracle, prompt)

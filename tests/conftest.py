@@ -111,8 +111,14 @@ SPIED = {"qbudget.oracles.local": "LocalModelOracle", "qbudget.oracles.replay": 
 _calls = [0]
 
 
+def _method(cls):
+    """The method every answer goes through: ``answer_usage`` where the class has it (its
+    ``answer`` calls it; the ledger calls it directly), else ``answer``."""
+    return "answer_usage" if hasattr(cls, "answer_usage") else "answer"
+
+
 def _wrap(cls, log_path, kill_at_call, kill_prefix):
-    original = cls.answer
+    original = getattr(cls, _method(cls))
 
     def answer(self, prompts, *args, **kwargs):
         if kill_at_call and any(p.id.startswith(kill_prefix) for p in prompts):
@@ -138,7 +144,7 @@ def _wrap(cls, log_path, kill_at_call, kill_prefix):
 
 def patch_module(module, log_path, kill_at_call=0, kill_prefix="", setattr_=setattr):
     cls = getattr(module, SPIED[module.__name__])
-    setattr_(cls, "answer", _wrap(cls, log_path, kill_at_call, kill_prefix))
+    setattr_(cls, _method(cls), _wrap(cls, log_path, kill_at_call, kill_prefix))
 
 
 class _Loader(importlib.abc.Loader):

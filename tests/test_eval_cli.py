@@ -163,3 +163,99 @@ def test_world_mode_applies_the_adapter(micro_world, tmp_path):
     changed = [k for k in base if k[0] in ("similarity", "advantage")
                and moved[k]["value"] != base[k]["value"]]
     assert len(changed) >= 2, changed
+
+
+# -- mmd: a two-sample test (p-values), not a classifier (advantage) ------------------------
+
+def _write_rows(path, rows):
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _mmd_files(tmp_path):
+    """90 prompts in three categories plus one 'solo' prompt; the student answers like the
+    teacher except in 'facts', so only 'facts' (and 'all') differ, and 'solo' has one
+    prompt, too few for a two-sample test."""
+    teacher, student = [], []
+    for i in range(N + 1):
+        cat = CATS[i % 3] if i < N else "solo"
+        base = {"id": f"q{i}", "prompt": f"Tell me about {TOPICS[i % 10]} #{i}.",
+                "category": cat, "split": "train" if i < 60 else "test"}
+        teacher.append({**base, "response": TEACHER[i % N]})
+        student.append({**base, "response": STUDENT[i % N] if cat == "facts" else TEACHER[i % N]})
+    return (_write_rows(tmp_path / "t.jsonl", teacher), _write_rows(tmp_path / "s.jsonl", student))
+
+
+def _table_cells(text: str, title: str) -> dict[str, dict[str, str]]:
+    """A rich table of ``text`` whose title starts with ``title``: row -> column -> the
+    cell's lines joined by spaces."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(title))
+    header = next(i for i in range(start, len(lines)) if lines[i].startswith("┃"))
+    cols = [c.strip() for c in lines[header].strip("┃").split("┃")]
+    body, name = {}, None
+    for line in lines[header + 2:]:
+        if line.startswith("└"):
+            break
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        name = cells[0] or name
+        row = body.setdefault(name, {c: "" for c in cols[1:]})
+        for c, v in zip(cols[1:], cells[1:]):
+            row[c] = (row[c] + " " + v).strip()
+    return body
+
+
+WIDE = {"COLUMNS": "200"}
+
+
+def test_epsilon_with_only_mmd_is_refused_up_front(tmp_path):
+    t, s = _mmd_files(tmp_path)
+    line = _error(_invoke("--teacher", t, "--student", s, "--adversaries", "mmd",
+                          "--epsilon", "0.5"))
+    assert "--epsilon needs a classifier adversary" in line
+    assert "mmd is a two-sample test with a p-value, not an advantage to certify" in line
+    # up front: before the world is even looked up
+    line = _error(_invoke("--world", "no-such-world", "--adversaries", "mmd", "--epsilon", "0.5"))
+    assert "mmd is a two-sample test" in line
+    assert "--epsilon must be in (0, 1]" in _error(
+        _invoke("--teacher", t, "--student", s, "--adversaries", "ngram", "--epsilon", "0"))
+
+
+def test_mmd_p_values_in_the_table_and_beside_the_classifier_verdict(tmp_path):
+    t, s = _mmd_files(tmp_path)
+    args = ["--teacher", t, "--student", s, "--adversaries", "ngram,mmd"]
+    res = CliRunner().invoke(app, ["eval", *args, "--json", "--epsilon", "0.5"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)            # the verdict goes to stderr: stdout stays JSON
+    assert "at epsilon=0.5" in res.stderr
+    mmd = {r["category"]: r for r in rows if r["adversary"] == "mmd" and r["metric"] == "p_value"}
+    stat = {r["category"]: r for r in rows
+            if r["adversary"] == "mmd" and r["metric"] == "mmd_statistic"}
+    assert set(mmd) == {"all", "facts", "chat", "howto"}        # 'solo': one prompt, no test
+    assert mmd["facts"]["value"] < 0.01 and mmd["chat"]["value"] > 0.5
+    assert not [r for r in rows if r["adversary"] == "mmd" and r["metric"] == "advantage"]
+    (ngram,) = [r for r in rows if r["adversary"] == "ngram" and r["metric"] == "advantage"
+                and r["category"] == "all"]
+
+    res = CliRunner().invoke(app, ["eval", *args, "--epsilon", "0.5"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    table = _table_cells(res.stdout, "two-sample tests")
+    assert set(table) == {"mmd"}
+    for cat, r in mmd.items():
+        assert table["mmd"][cat] == (f"p={r['value']:.2g} MMD²={stat[cat]['value']:.3g} "
+                                     f"n={r['n']}"), (cat, table)
+    assert table["mmd"]["solo"] == "—"
+    assert "mmd" not in _table_cells(res.stdout, "advantage 2·acc−1")
+    # the ε verdict judges ngram only, with mmd's overall p-value beside it
+    word = "indistinguishable" if ngram["ci_high"] <= 0.5 else "distinguishable"
+    assert (f"{word} at epsilon=0.5: largest advantage upper bound {ngram['ci_high']:.3f} "
+            f"(ngram); mmd: two-sample test p={mmd['all']['value']:.2g} (n={mmd['all']['n']}), "
+            "no advantage, not judged") in res.stdout
+    # identical answers: indistinguishable to ngram, and mmd's p is reported, not judged
+    res = CliRunner().invoke(app, ["eval", "--teacher", t, "--student", t, "--adversaries",
+                                   "mmd,ngram", "--epsilon", "0.5"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "indistinguishable at epsilon=0.5" in res.stdout
+    assert "(ngram); mmd: two-sample test p=1 (n=91)" in res.stdout

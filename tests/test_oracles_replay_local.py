@@ -100,6 +100,114 @@ def test_write_replay_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert rows[0] == {"id": "p0", "prompt": "question 0", "response": "answer 0", "category": "c"}
 
 
+# ---------------------------------------------------------------- recorded usage
+#: the fingerprint ROWS had before usage columns existed: existing caches must keep hitting
+ROWS_FINGERPRINT = "18fae4628158791b04d937c31ae028b5bee75311f0cbc3b51805726d43007f88"
+
+USAGE_ROWS = [
+    {"id": "p0", "prompt": "question 0", "response": "answer 0", "prompt_tokens": 12,
+     "completion_tokens": 30},                                              # recorded
+    {"id": "p1", "prompt": "question 1", "response": "answer 1", "prompt_tokens": 9,
+     "completion_tokens": 4, "usage_source": "server", "usd": 0.0125},      # priced batch
+    {"id": "p2", "prompt": "question two, longer", "response": "a reply of 17 bytes"},
+    {"id": "p3", "prompt": "question 3", "response": "answer 3", "usd": 2},  # cost, no counts
+    {"id": "p0", "prompt": "question 0", "response": "again", "sample": 1, "prompt_tokens": 12,
+     "completion_tokens": 50, "usage_source": "server"},
+]
+
+
+def test_fingerprint_without_usage_columns_is_unchanged(tmp_path):
+    for name in ("a.jsonl", "b.parquet"):
+        write_replay(tmp_path / name, ROWS)
+        assert ReplayOracle(tmp_path / name).fingerprint == ROWS_FINGERPRINT
+    # null usage columns (a Parquet union of rows with and without them) are absent
+    write_replay(tmp_path / "c.parquet", ROWS + [{"id": "x", "prompt": "q", "response": "r",
+                                                  "prompt_tokens": None, "usd": None}])
+    write_replay(tmp_path / "d.jsonl", ROWS + [{"id": "x", "prompt": "q", "response": "r"}])
+    assert ReplayOracle(tmp_path / "c.parquet").fingerprint == \
+        ReplayOracle(tmp_path / "d.jsonl").fingerprint
+    # recorded costs are part of what the oracle reports: they change the fingerprint
+    write_replay(tmp_path / "e.jsonl", USAGE_ROWS)
+    write_replay(tmp_path / "f.parquet", USAGE_ROWS)
+    write_replay(tmp_path / "g.jsonl", [{**r, "usd": 0.5} if r["id"] == "p1" else r
+                                        for r in USAGE_ROWS])
+    e, f, g = (ReplayOracle(tmp_path / n).fingerprint for n in ("e.jsonl", "f.parquet", "g.jsonl"))
+    assert e == f != g
+    plain = [{k: v for k, v in r.items() if k in ("id", "prompt", "response", "sample")}
+             for r in USAGE_ROWS]
+    write_replay(tmp_path / "h.jsonl", plain)
+    assert ReplayOracle(tmp_path / "h.jsonl").fingerprint != e
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_answer_usage_serves_recorded_usage_or_a_marked_estimate(tmp_path, suffix):
+    from qbudget.oracles.usage import Price, Usage, answer_with_usage
+
+    write_replay(tmp_path / f"u{suffix}", USAGE_ROWS)
+    oracle = ReplayOracle(tmp_path / f"u{suffix}")
+    asked = [Prompt("p0", "question 0", "c"), Prompt("p1", "question 1", "c"),
+             Prompt("p2", "question two, longer", "c"), Prompt("p3", "question 3", "c"),
+             Prompt("renamed", "question 1", "c")]                     # found by its text
+    got = oracle.answer_usage(asked)
+    assert got == answer_with_usage(oracle, asked)
+    assert [text for text, _ in got] == oracle.answer(asked)
+    assert [u for _, u in got] == [
+        Usage(12, 30, "recorded"), Usage(9, 4, "server", 0.0125),
+        Usage(5, 5, "estimate"),            # ceil(20 / 4) prompt bytes, ceil(19 / 4) answer
+        Usage(3, 2, "estimate", 2.0), Usage(9, 4, "server", 0.0125)]
+    assert oracle.answer_usage([asked[0]], sample=1) == [("again", Usage(12, 50, "server"))]
+    price = Price(1.0, 2.0)
+    assert price.cost(got[1][1]) == 0.0125 and price.cost(got[0][1]) == pytest.approx(72e-6)
+
+    # worst case: the recorded usage (the most any recorded sample of the prompt used)
+    assert oracle.worst_case(asked[0]) == Usage(12, 50, "recorded")
+    assert oracle.worst_case(asked[1]) == Usage(9, 4, "server", 0.0125)
+    assert oracle.worst_case(asked[4]) == Usage(9, 4, "server", 0.0125)
+    assert oracle.worst_case(asked[2]) == Usage(5, 5, "estimate")
+    # unrecorded: its bytes plus the template margin, and the longest recorded answer
+    assert oracle.worst_case(Prompt("p9", "never asked", "c")) == Usage(11 + 64, 50, "estimate")
+    assert oracle.worst_case(Prompt("p1", "edited text", "c")).completion_tokens == 50
+    with pytest.raises(QBudgetError, match="'p1' has different text"):
+        oracle.answer_usage([Prompt("p1", "edited text", "c")])
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"prompt_tokens": -1, "completion_tokens": 2}, r"field 'prompt_tokens' must be an integer >= 0, got -1"),
+    ({"prompt_tokens": 1, "completion_tokens": 2.5}, r"field 'completion_tokens' must be an integer >= 0"),
+    ({"prompt_tokens": "3", "completion_tokens": 2}, r"field 'prompt_tokens' must be an integer"),
+    ({"prompt_tokens": True, "completion_tokens": 2}, r"field 'prompt_tokens' must be an integer"),
+    ({"prompt_tokens": 3}, r"field 'completion_tokens' is missing"),
+    ({"completion_tokens": 3}, r"field 'prompt_tokens' is missing"),
+    ({"prompt_tokens": 1, "completion_tokens": 2, "usage_source": "bill"},
+     r"field 'usage_source' must be one of server, tokenizer, recorded, estimate, got 'bill'"),
+    ({"usage_source": "server"}, r"field 'usage_source' needs prompt_tokens and completion_tokens"),
+    ({"usd": -0.5}, r"field 'usd' must be a number >= 0, got -0.5"),
+    ({"usd": "1.0"}, r"field 'usd' must be a number >= 0"),
+    ({"usd": float("nan")}, r"field 'usd' must be a number >= 0, got nan"),
+    ({"usd": float("inf")}, r"field 'usd' must be a number >= 0"),
+])
+def test_bad_usage_fields_name_the_line_and_field(tmp_path, extra, match):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"id": "a", "prompt": "x", "response": "y", "prompt_tokens": 1,
+                       "completion_tokens": 1})
+    path.write_text(good + "\n" + json.dumps({"id": "b", "prompt": "x2", "response": "y2",
+                                              **extra}) + "\n")
+    with pytest.raises(QBudgetError, match=r"bad\.jsonl:2: " + match) as info:
+        ReplayOracle(path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_usage_in_parquet_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["x", "y"], "response": ["1", "2"],
+                             "prompt_tokens": [3, -4], "completion_tokens": [1, 1]}),
+                   tmp_path / "neg.parquet")
+    with pytest.raises(QBudgetError, match=r"neg\.parquet: row 2: field 'prompt_tokens'"):
+        ReplayOracle(tmp_path / "neg.parquet")
+
+
 # ---------------------------------------------------------------- local model oracle
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):

@@ -55,6 +55,30 @@ def test_headline_png_svg_pdf(tmp_path, df):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf", "a.png", "a.svg"]
 
 
+def test_advantage_against_dollars_places_points_at_the_spend(tmp_path, df):
+    """--x usd: each checkpoint sits at the mean over seeds of the dollars spent by then
+    (here a strategy paying twice as much per query has its points twice as far right)."""
+    import matplotlib
+
+    paid = df.copy()
+    per_query = {s: (2e-5 if i == 0 else 1e-5) for i, s in enumerate(sorted(paid.strategy.unique()))}
+    paid["usd"] = [q * per_query[s] for q, s in zip(paid["q"], paid["strategy"])]
+    paid["tokens"] = paid["q"] * 40
+    svg = assert_svg(plot_results(paid, tmp_path / "usd.svg", x="usd"))
+    assert "US$ spent on training purchases" in svg
+    from qbudget.plotting import _curve
+
+    head = paid[(paid.metric == "advantage") & (paid.adversary == "max") & (paid.category == "all")]
+    for s, rate in per_query.items():
+        c = _curve(head[head.strategy == s], "usd")
+        assert list(c["x"]) == pytest.approx([q * rate for q in c["q"]])
+    assert matplotlib.get_backend()   # drawn off-screen, no display needed
+    with pytest.raises(QBudgetError, match="no 'usd' values"):
+        plot_results(df.assign(usd=float("nan")), tmp_path / "none.png", x="usd")
+    with pytest.raises(QBudgetError, match="unknown x axis"):
+        plot_results(paid, tmp_path / "bad.png", x="eur")
+
+
 def test_facets_by_category_and_adversary(tmp_path, df):
     svg = assert_svg(plot_results(df, tmp_path / "c.svg", by="category", epsilon=0.2))
     for cat in ("all", "math", "code", "chat"):

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import importlib.util
+import json
 import math
 import shutil
 import tomllib
@@ -105,6 +106,22 @@ def test_readme_bench_section_is_the_rendered_sweep_summary():
     figure = ROOT / "docs" / rb.FIGURE_DOC
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"({'docs/' + rb.FIGURE_DOC})" in rb.current_section(text)
+
+
+def test_readme_cost_aware_section_is_rendered_from_the_measured_sweep(tmp_path):
+    """The cost-aware paragraph is what benchmarks/cost_aware.py renders from the JSON its
+    sweep wrote (docs/cost_aware.json), and --check notices a hand edit."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "cost_aware.py"), "--check"]
+    ok = subprocess.run(script, capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads((ROOT / "docs" / "cost_aware.json").read_text())
+    assert set(report["strategies"]) == {"uncertainty", "cost_aware"}
+    assert (ROOT / "docs" / "cost_aware_vs_usd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    edited = tmp_path / "README.md"
+    head, rest = README.read_text().split("<!-- cost:start -->", 1)
+    edited.write_text(head + "<!-- cost:start -->" + rest.replace(" bought ", " purchased ", 1))
+    bad = subprocess.run([*script, "--readme", str(edited)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "differs" in bad.stderr
 
 
 def small_results():

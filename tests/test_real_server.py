@@ -135,10 +135,9 @@ def test_the_servers_answer_parsing_returns_the_answer_alone(micro_world):
 def test_http_answers_equal_local_greedy_answers_and_usage_matches_the_tokenizer(
         server, micro_world, tmp_path, monkeypatch):
     from qbudget.ledger import Ledger
-    from qbudget.models import CausalLM, load_tokenizer
-    from qbudget.models.generate import generate
+    from qbudget.models import load_tokenizer
     from qbudget.models.text import encode_prompt, encode_response
-    from qbudget.oracles import HttpOracle
+    from qbudget.oracles import HttpOracle, LocalModelOracle
     from qbudget.realworld import resolve_world
 
     pool = list(micro_world.pool)
@@ -152,40 +151,46 @@ def test_http_answers_equal_local_greedy_answers_and_usage_matches_the_tokenizer
     t0 = time.perf_counter()
     bought = ledger.buy(oracle, pool)                 # fails loudly on any echo or marker
     http_s = time.perf_counter() - t0
+    records = {r["prompt"]: r for r in ledger.purchase_records()}
     ledger.close()
 
-    # the local teacher, greedy: what LocalModelOracle answers at temperature 0
-    # (generate_text), kept as token ids too, for the completion counts
+    # the local teacher, greedy: LocalModelOracle at temperature 0, with the usage it
+    # counts itself (the framed prompt's tokens; the generated ones, eos included)
     t0 = time.perf_counter()
-    tok = load_tokenizer(micro_world.teacher_dir)
-    prompt_ids = [encode_prompt(tok, p.text) for p in pool]
-    out_ids = generate(CausalLM.from_pretrained(micro_world.teacher_dir), prompt_ids,
-                       max_new_tokens=micro_world.sampling["max_new_tokens"], temperature=0.0,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    local = [tok.decode(ids, skip_special_tokens=True) for ids in out_ids]
+    local_oracle = LocalModelOracle(micro_world.teacher_dir,
+                                    {**micro_world.sampling, "temperature": 0.0}, 0)
+    local_usage = local_oracle.answer_usage(pool)
+    local = [text for text, _ in local_usage]
     local_s = time.perf_counter() - t0
     differ = [(p.id, h, l) for p, h, l in zip(pool, bought, local) if h != l]
     assert len(differ) <= len(pool) // 100, \
         f"{len(differ)}/{len(pool)} answers differ, e.g. {differ[:3]}"
 
-    # usage: prompt tokens = the chat-formatted prompt (encode_prompt); completion tokens =
-    # the generated tokens, eos included when it was generated (within max_tokens). The
-    # server's finish_reason says "length" when eos is the last token allowed, so the count
-    # comes from the local ids (cut at eos), not from finish_reason.
+    # usage: the ledger recorded the server's counts, marked "server"; they equal the teacher
+    # tokenizer's: prompt tokens = the chat-formatted prompt (encode_prompt), completion
+    # tokens = the generated tokens, eos included when generated within max_tokens (the
+    # server's finish_reason says "length" when eos is the last token allowed, so counts are
+    # compared, not finish reasons)
+    tok = load_tokenizer(micro_world.teacher_dir)
     max_new = micro_world.sampling["max_new_tokens"]
-    assert set(usage.rows) == {p.text for p in pool}
-    bad_prompt, bad_completion, recount_differs = [], [], 0
-    for p, answer, ids, local_ids, same in zip(pool, bought, prompt_ids, out_ids,
-                                               [h == l for h, l in zip(bought, local)]):
-        u = usage.rows[p.text]
-        if u["prompt_tokens"] != len(ids) or \
+    assert set(usage.rows) == {p.text for p in pool} == set(records)
+    bad_prompt, bad_completion, not_recorded, recount_differs = [], [], [], 0
+    for p, answer, (_, mine), same in zip(pool, bought, local_usage,
+                                          [h == l for h, l in zip(bought, local)]):
+        u, rec = usage.rows[p.text], records[p.text]
+        if (rec["prompt_tokens"], rec["completion_tokens"], rec["usage_source"]) != \
+                (u["prompt_tokens"], u["completion_tokens"], "server"):
+            not_recorded.append((p.id, u, rec))
+        if u["prompt_tokens"] != len(encode_prompt(tok, p.text)) or \
+                u["prompt_tokens"] != mine.prompt_tokens or \
                 u["total_tokens"] != u["prompt_tokens"] + u["completion_tokens"]:
-            bad_prompt.append((p.id, u, len(ids)))
-        if same and u["completion_tokens"] != min(len(local_ids) + 1, max_new):
-            bad_completion.append((p.id, u, len(local_ids)))
+            bad_prompt.append((p.id, u, mine))
+        if same and u["completion_tokens"] != mine.completion_tokens:
+            bad_completion.append((p.id, u, mine))
         # re-encoding the answer text (what a client without token ids can count) may merge
         # pieces the model generated apart, so it can undercount: counted, not asserted
         recount_differs += u["completion_tokens"] != min(len(encode_response(tok, answer)), max_new)
+    assert not not_recorded, f"the ledger did not record the server's usage: {not_recorded[:3]}"
     assert not bad_prompt, f"prompt token counts differ: {bad_prompt[:3]}"
     assert not bad_completion, f"completion token counts differ: {bad_completion[:3]}"
     assert sum(u["finish_reason"] == "stop" for u in usage.rows.values()) > len(pool) // 2

@@ -141,3 +141,93 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, kind):
     assert re.search(match, r.stderr), r.stderr
     assert "Traceback" not in r.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# ---------------------------------------------------------------- usage columns
+def _usage_source(tmp_path):
+    path = tmp_path / "usage-source.jsonl"
+    rows = []
+    for i in range(6):
+        row = {"id": f"p{i}", "prompt": f"question {i}", "response": f"answer {i}",
+               "prompt_tokens": 10 + i, "completion_tokens": 20 + i}
+        if i % 2 == 0:
+            row.update(usage_source="server", usd=0.001 * (i + 1))   # e.g. a priced batch
+        rows.append(row)
+    write_replay(path, rows)
+    return path
+
+
+def test_record_writes_each_answers_usage_and_cost_into_the_replay(tmp_path, pool):
+    from qbudget.pool import Prompt
+
+    source = _usage_source(tmp_path)
+    out = tmp_path / "priced.jsonl"
+    r = invoke("--pool", pool, "--budget", 4, "--out", out, "--replay", source,
+               "--input-per-mtok", "1.5", "--output-per-mtok", "6")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["p0", "p1", "p2", "p3"]
+    for i, row in enumerate(rows):
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (10 + i, 20 + i)
+        assert row["usage_source"] == ("server" if i % 2 == 0 else "recorded")
+        own = 0.001 * (i + 1) if i % 2 == 0 else ((10 + i) * 1.5 + (20 + i) * 6) / 1e6
+        assert row["usd"] == pytest.approx(own, rel=1e-12)       # what the ledger charged
+    total = sum(row["usd"] for row in rows)
+    assert f"{sum(30 + 2 * i for i in range(4))} tokens, ${total:.6f}" in r.stdout
+    # the recording replays with the same usage it was bought at
+    asked = [Prompt(f"p{i}", f"question {i}", "ab"[i % 2]) for i in range(4)]
+    replayed = ReplayOracle(out).answer_usage(asked)
+    assert [(u.prompt_tokens, u.completion_tokens, u.source) for _, u in replayed] == \
+        [(u.prompt_tokens, u.completion_tokens, u.source)
+         for _, u in ReplayOracle(source).answer_usage(asked)]
+    assert [u.usd for _, u in replayed] == [row["usd"] for row in rows]
+
+    # no price: a zero is not a bill, so only answers with their own cost carry usd
+    bare = tmp_path / "bare.jsonl"
+    r = invoke("--pool", pool, "--budget", 4, "--out", bare, "--replay", source)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in bare.read_text().splitlines()]
+    assert [row.get("usd") for row in rows] == [0.001, None, 0.003, None]
+    assert all("prompt_tokens" in row for row in rows) and "$" not in r.stdout
+
+    # resuming a priced recording at another price is refused, in one line
+    r = invoke("--pool", pool, "--budget", 4, "--out", out, "--replay", source,
+               "--input-per-mtok", "2", "--output-per-mtok", "6")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "price" in r.stderr
+
+
+def test_http_record_writes_token_counts_marked_as_estimates(tmp_path, pool):
+    out = tmp_path / "http.parquet"
+    with StubServer() as srv:   # the stub sends no usage field: counts are estimated
+        r = invoke("--pool", pool, "--budget", 3, "--out", out, "--endpoint", srv.url + "/v1",
+                   "--model", "teacher-x", "--max-retries", 0, "--input-per-mtok", 1,
+                   "--output-per-mtok", 4)
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out).to_pylist()
+    for i, row in enumerate(rows):
+        pt = -(-len(f"question {i}") // 4)
+        ct = -(-len(answer_for(f"question {i}")) // 4)
+        assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == \
+            (pt, ct, "estimate")
+        assert row["usd"] == pytest.approx((pt * 1 + ct * 4) / 1e6)
+    from qbudget.pool import Prompt
+
+    ((_, usage),) = ReplayOracle(out).answer_usage([Prompt("p0", "question 0", "a")])
+    assert usage.estimated and usage.usd == pytest.approx(rows[0]["usd"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--input-per-mtok", "1"], r"--output-per-mtok is missing"),
+    (["--input-per-mtok", "1", "--output-per-mtok", "-2"], r"--output-per-mtok must be a number >= 0"),
+    (["--batch-discount", "0.5"], r"--batch-discount only applies to --batch-in"),
+])
+def test_bad_price_options_exit_2_naming_the_option(tmp_path, pool, source, args, match):
+    import re
+
+    out = tmp_path / "o" / "r.jsonl"
+    r = invoke("--pool", pool, "--budget", 2, "--out", out, "--replay", source, *args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and re.search(match, r.stderr), r.stderr
+    assert not out.parent.exists()

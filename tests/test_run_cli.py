@@ -179,6 +179,52 @@ def test_run_writes_schema_manifest_and_counts(reference_run):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
 
+def test_results_and_manifest_carry_the_spend_in_tokens_and_dollars(reference_run):
+    """tokens / usd columns are monotone in q and equal the ledger's accounts; the manifest
+    and the run's summary show the evaluation spend apart."""
+    from qbudget.ledger import Ledger
+    from qbudget.summary import render_markdown, summarize
+    from qbudget.worlds import EMBEDDED_PRICE
+
+    df = pd.read_parquet(reference_run / "results.parquet")
+    per_q = df.groupby("q")[["tokens", "usd", "eval_usd", "paid", "eval_paid"]].agg(["min", "max"])
+    for col in ("tokens", "usd", "eval_usd"):       # one value per checkpoint
+        assert (per_q[(col, "min")] == per_q[(col, "max")]).all(), col
+        assert per_q[(col, "min")].is_monotonic_increasing, col
+    assert per_q.loc[0, ("tokens", "min")] == 0 and per_q.loc[48, ("tokens", "min")] > 48
+    with Ledger(reference_run / "ledger.sqlite", budget=48) as ledger:
+        spend = ledger.spend()
+        records = ledger.purchase_records()
+    assert ledger.price == EMBEDDED_PRICE
+    last = df[df.q == 48].iloc[0]
+    assert last["tokens"] == spend["train"]["tokens"] == sum(
+        r["prompt_tokens"] + r["completion_tokens"] for r in records)
+    assert last["usd"] == pytest.approx(spend["train"]["usd"]) and last["usd"] > 0
+    assert last["eval_usd"] == pytest.approx(spend["eval"]["usd"]) and last["eval_usd"] > 0
+    assert {r["usage_source"] for r in records} == {"tokenizer"}   # the local teacher counts
+    manifest = json.loads((reference_run / "manifest.json").read_text())
+    assert manifest["spend"] == spend and manifest["stopped_by"] is None
+    assert manifest["spend"]["eval"]["paid"] == manifest["eval_paid"]
+    text = render_markdown(summarize(df, baseline="random"))
+    assert "evaluation US$" in text and f"{spend['eval']['usd']:.4f}" in text
+
+
+@pytest.mark.slow
+def test_a_dollar_cap_stops_buying_and_the_run_evaluates_where_it_stopped(micro_world, tmp_path):
+    cfg = fast_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("round_size = 16", "round_size = 16\nusd = 0.0003"))
+    out = tmp_path / "run"
+    result = invoke("run", "--config", str(cfg), "--out", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "stopped by budget.usd" in result.output and "spend: train" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["q"]
+    assert 16 < q < 48 and manifest["stopped_by"] == "budget.usd"
+    assert manifest["spend"]["train"]["usd"] <= 0.0003 and manifest["evaluated"] == [0, 16, q]
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(df["q"].unique()) == [0, 16, q]
+
+
 def micro_world_probe(run_dir: Path):
     from qbudget.worlds import get_world
 
@@ -287,7 +333,7 @@ def test_killed_run_resumes_to_identical_results(reference_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["stratified", "diversity", "uncertainty", "disagreement",
-                                      "adversary", "hybrid", "bandit"])
+                                      "adversary", "hybrid", "bandit", "cost_aware"])
 def test_every_builtin_strategy_runs_end_to_end(micro_world, tmp_path, strategy):
     out = tmp_path / "run"
     result = invoke("run", "--config", str(fast_config(tmp_path, strategy)), "--out", str(out), "--quiet")

@@ -52,7 +52,10 @@ README_SAYS = {
 def _builtin_strategies() -> set[str]:
     from qbudget.strategy import list_strategies
 
-    return {s.name for s in list_strategies() if s.package == "qbudget" and s.error is None}
+    # cost_aware wraps another strategy (it re-ranks its scores by cost): not one of the
+    # study's acquisition strategies
+    return {s.name for s in list_strategies()
+            if s.package == "qbudget" and s.error is None and s.name != "cost_aware"}
 
 
 def _world_rows() -> dict[str, dict]:

@@ -251,3 +251,60 @@ def test_single_budget_and_results_without_a_max_row():
     assert s.auc["mean"].isna().all()
     assert set(s.paired["measure"]) == {"final advantage"}
     assert "–" in render_markdown(s)
+
+
+def _paired_rows(md: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The paired table of a rendered summary: (strategy, measure) -> {header: cell}."""
+    block = md.split("### Paired comparison")[1].split("\n\n")[1].splitlines()
+    header = [h.strip() for h in block[0].strip("|").split("|")]
+    rows = {}
+    for line in block[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        rows[(cells["strategy"], cells["measure"])] = cells
+    return rows
+
+
+def test_hierarchical_interval_beside_each_final_advantage_verdict():
+    """Six seeds whose final differences barely vary: the seed-level bootstrap is narrow,
+    but each max advantage rests on n = 100 items, whose noise the hierarchical interval
+    (seeds, then items) carries: it holds the mean difference and is about as wide as the
+    item noise says (per seed, 2·sqrt(p(1−p)/n) for each cell, over √6 seeds)."""
+    base = [0.40, 0.45, 0.38, 0.50, 0.41, 0.47]
+    diffs = [-0.20, -0.21, -0.19, -0.20, -0.22, -0.18]
+    values = {}
+    for sd, (b, d) in enumerate(zip(base, diffs)):
+        values[("stratified", sd)] = [0.9, 0.7, 0.5, b]
+        values[("fast", sd)] = [0.9, 0.6, 0.3, b + d]
+    df = _fixed_headline(values)
+    s = summarize(df, baseline="stratified", n_resamples=4000, seed=1)
+    p = s.paired.set_index("measure")
+    final = p.loc["final advantage"]
+    lo, hi = final["hier_low"], final["hier_high"]
+    assert lo < np.mean(diffs) < hi < 0
+    assert hi - lo > 3 * (final["ci_high"] - final["ci_low"])
+    acc_s = (np.add(base, diffs) + 1) / 2
+    acc_b = (np.asarray(base) + 1) / 2
+    item_sd = 2 * np.sqrt((acc_s * (1 - acc_s) + acc_b * (1 - acc_b)) / 100).mean() / np.sqrt(6)
+    assert hi - lo == pytest.approx(2 * 1.96 * item_sd, rel=0.2)
+    # the AUC has no item-level data: no hierarchical interval
+    assert np.isnan(p.loc["advantage AUC", "hier_low"])
+    # in the text: the Markdown table and the console's
+    md = render_markdown(s)
+    rows = _paired_rows(md)
+    col = "hierarchical 95% CI (seeds, items)"
+    assert rows[("fast", "final advantage")][col] == f"({lo:+.3f}, {hi:+.3f})"
+    assert rows[("fast", "advantage AUC")][col] == "–"
+    assert "Hierarchical CI: percentile bootstrap over seeds, then over the probe items" in md
+    buf = io.StringIO()
+    print_summary(s, Console(file=buf, width=250, color_system=None))
+    out = buf.getvalue()
+    assert "hierarchical 95% CI" in out and f"({lo:+.2f}, {hi:+.2f})" in out
+    # seeded
+    again = summarize(df, baseline="stratified", n_resamples=4000, seed=1)
+    assert again.paired["hier_low"].tolist()[0] == lo
+    # results without item counts (n) get no hierarchical interval, not a made-up one
+    bare = summarize(df.drop(columns=["n"]), baseline="stratified", n_resamples=500)
+    assert bare.paired["hier_low"].isna().all() and bare.paired["hier_high"].isna().all()
+    nulls = df.assign(n=pd.array([None] * len(df), dtype="Int64"))
+    assert summarize(nulls, baseline="stratified", n_resamples=500).paired["hier_low"].isna().all()
+    assert _paired_rows(render_markdown(bare))[("fast", "final advantage")][col] == "–"

@@ -5,8 +5,12 @@ Two sources of answers: two JSONL answer files (``--teacher``/``--student``, opt
 (``--world NAME [--adapter DIR]``: the run loop's own evaluation of the base student or
 the student with a PEFT adapter; see :func:`evaluate_world`). The evaluation config is
 the one a run TOML's ``[eval]`` table holds (``--config RUN.toml``), with the flags on
-top. Output is a rich table (adversary × category with intervals), or with ``--json``
-the result rows as one JSON array; ``--epsilon`` adds the ε verdict.
+top. Output is rich tables (classifier adversaries × category: advantage with intervals;
+two-sample tests such as ``mmd`` × category: p-value and statistic), or with ``--json``
+the result rows as one JSON array. ``--epsilon`` adds the ε verdict, which judges the
+classifier adversaries only (an advantage is what ε bounds): a two-sample test's p-value
+is reported beside it, and ``--epsilon`` with only two-sample tests selected is refused
+before anything is evaluated.
 """
 
 from __future__ import annotations
@@ -79,6 +83,19 @@ def _table(title: str, first: str, cats: list[str], body: dict[str, list[str]]):
     return table
 
 
+def _statistic_metric(name: str) -> str:
+    """The metric holding a two-sample test's statistic (as :mod:`qbudget.evaluate` names it)."""
+    return "mmd_statistic" if name == "mmd" else f"{name}_statistic"
+
+
+def _test_adversaries(rows: list[dict]) -> list[str]:
+    """Adversaries of ``rows`` that are two-sample tests: p-values, no advantage."""
+    from qbudget.evaluate import TEST_ADVERSARIES
+
+    return list(dict.fromkeys(r["adversary"] for r in rows if r["metric"] == "p_value"
+                              and r["adversary"] in TEST_ADVERSARIES))
+
+
 def _print_tables(rows: list[dict], alpha: float) -> None:
     from rich.console import Console
 
@@ -86,6 +103,7 @@ def _print_tables(rows: list[dict], alpha: float) -> None:
     level = f"{100 * (1 - alpha):g}%"
     cats = ["all"] + sorted({r["category"] for r in rows} - {"all"})
     advs = list(dict.fromkeys(r["adversary"] for r in rows if r["metric"] == "advantage"))
+    tests = _test_adversaries(rows)
     lookup = {(r["metric"], r["adversary"], r["category"]): r for r in rows}
 
     def advantage(a: str, c: str) -> str:
@@ -97,9 +115,21 @@ def _print_tables(rows: list[dict], alpha: float) -> None:
         r = lookup.get((m, "", c))
         return "—" if r is None else f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
 
+    def two_sample(a: str, c: str) -> str:
+        p, st = lookup.get(("p_value", a, c)), lookup.get((_statistic_metric(a), a, c))
+        if p is None:
+            return "—"
+        label = "MMD²" if a == "mmd" else "stat"
+        stat = "" if st is None else f"{label}={st['value']:.3g} "
+        return f"p={p['value']:.2g}\n{stat}n={p['n']}"
+
     if advs:
         console.print(_table(f"advantage 2·acc−1 [{level} Clopper–Pearson; max: Bonferroni]",
                              "adversary", cats, {a: [advantage(a, c) for c in cats] for a in advs}))
+    if tests:
+        console.print(_table("two-sample tests (p-value, no advantage; mmd: Hamming-kernel "
+                             "MMD², permutation p over every probe prompt)", "test", cats,
+                             {a: [two_sample(a, c) for c in cats] for a in tests}))
     sims = [m for m in ("similarity", "similarity_ceiling") if (m, "", "all") in lookup]
     if sims:
         console.print(_table(f"cosine similarity of MiniLM embeddings [{level} CI]", "metric",
@@ -112,6 +142,39 @@ def _print_tables(rows: list[dict], alpha: float) -> None:
         if q and t and f:
             console.print(f"{a}: q={int(q['value'])} prompts, t={int(t['value'])} steps, "
                           f"~{f['value']:.2e} FLOPs")
+    for a in tests:
+        f = lookup.get(("adversary_flops", a, "all"))
+        console.print(f"{a}: two-sample test, nothing fitted (q=0, t=0)"
+                      + (f", ~{f['value']:.2e} FLOPs" if f else ""))
+
+
+def verdict_message(rows: list[dict], epsilon: float) -> str:
+    """The ε verdict on the classifier adversaries, with each two-sample test's overall
+    p-value beside it (a test has no advantage, so ε does not apply to it)."""
+    from qbudget.evaluate import verdict
+
+    message = verdict(rows, epsilon).message()
+    for a in _test_adversaries(rows):
+        p = next((r for r in rows if r["metric"] == "p_value" and r["adversary"] == a
+                  and r["category"] == "all"), None)
+        if p is not None:
+            message += (f"; {a}: two-sample test p={p['value']:.2g} (n={p['n']}), "
+                        "no advantage, not judged")
+    return message
+
+
+def check_epsilon(epsilon: float, config) -> None:
+    """Refuse ``--epsilon`` up front when it cannot apply: out of (0, 1], or no selected
+    adversary has an advantage (only two-sample tests such as ``mmd``)."""
+    from qbudget.evaluate import TEST_ADVERSARIES, classifier_adversaries
+
+    if not 0 < epsilon <= 1:
+        raise QBudgetError(f"--epsilon must be in (0, 1], got {epsilon:g}")
+    if not classifier_adversaries(config):
+        tests = ", ".join(a for a in config.adversaries if a in TEST_ADVERSARIES)
+        raise QBudgetError(f"--epsilon needs a classifier adversary (ngram, embed, pairwise or "
+                           f"finetune): {tests} is a two-sample test with a p-value, not an "
+                           "advantage to certify")
 
 
 def _json_safe(rows: list[dict]) -> list[dict]:
@@ -174,12 +237,14 @@ def register(app: typer.Typer) -> None:
                                      "(with --world; default: the base student)."),
         adversaries: str = typer.Option(None, "--adversaries",
                                         help="Comma-separated adversaries (ngram, embed, "
-                                        "pairwise, finetune; default ngram,embed,pairwise)."),
+                                        "pairwise, finetune, and the two-sample test mmd; "
+                                        "default ngram,embed,pairwise)."),
         q: int = typer.Option(None, "--q", help="Sample bound for every adversary "
                               "(adversary-train prompts; default: all)."),
         t: int = typer.Option(None, "--t", help="Compute bound (optimiser steps) for every "
                               "adversary (default: each adversary's own)."),
-        epsilon: float = typer.Option(None, "--epsilon", help="Print the ε verdict."),
+        epsilon: float = typer.Option(None, "--epsilon", help="Print the ε verdict on the "
+                                      "classifier adversaries (mmd's p-value beside it)."),
         alpha: float = typer.Option(None, "--alpha", help="1 − confidence level (default 0.05)."),
         seed: int = typer.Option(None, "--seed", help="Seed for splits, sampling and adversaries "
                                  "(default 0)."),
@@ -196,7 +261,7 @@ def register(app: typer.Typer) -> None:
         """Similarity and bounded-adversary advantage of a student against its teacher."""
         import jax
 
-        from qbudget.evaluate import evaluate_answers, verdict
+        from qbudget.evaluate import evaluate_answers
         from qbudget.models.encoder import shared_encoder
 
         if (teacher is None) != (student is None):
@@ -215,6 +280,8 @@ def register(app: typer.Typer) -> None:
         config, seed = eval_config_from_flags(
             config_file, adversaries=adversaries, q=q, t=t, alpha=alpha, seed=seed,
             probe_subset=probe_subset, ceiling=ceiling)
+        if epsilon is not None:
+            check_epsilon(epsilon, config)
         if world is not None:
             rows = evaluate_world(world, None if adapter is None else str(adapter),
                                   config=config, seed=seed, encoder_dir=encoder_dir)
@@ -229,5 +296,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps(_json_safe(rows)))
         else:
             _print_tables(rows, config.alpha)
-        if epsilon is not None:
-            typer.echo(verdict(rows, epsilon).message())
+        if epsilon is not None:   # with --json on stderr, so stdout stays one JSON document
+            typer.echo(verdict_message(rows, epsilon), err=as_json)

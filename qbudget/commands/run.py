@@ -59,13 +59,29 @@ def run_command(
 
         run.progress = on_progress
         outcome = run.execute()
-    line = f"done: q={outcome.q} paid={outcome.paid} rows={outcome.rows} -> {outcome.out}"
-    if cfg.certify.enabled:
-        from qbudget.rundir import RunDir
-        import json
+    import json
 
-        info = json.loads(RunDir(out).manifest.read_text()).get("certify", {})
+    from qbudget.rundir import RunDir
+
+    manifest = json.loads(RunDir(out).manifest.read_text())
+    line = f"done: q={outcome.q} paid={outcome.paid} rows={outcome.rows} -> {outcome.out}"
+    if manifest.get("stopped_by"):
+        line += f" (stopped by {manifest['stopped_by']})"
+    if cfg.certify.enabled:
+        info = manifest.get("certify", {})
         line += (f" (certified at q={info['q_certified']}, epsilon={cfg.certify.epsilon:g})"
                  if info.get("certified") else
                  f" (not certified at epsilon={cfg.certify.epsilon:g})")
     typer.echo(line)
+    typer.echo(spend_line(manifest.get("spend")))
+
+
+def spend_line(spend: dict | None) -> str:
+    """One line with what the run consumed and paid, per account (from ``Ledger.spend``)."""
+    if not spend:
+        return "spend: unknown"
+    t, e = spend["train"], spend["eval"]
+    est = t["estimated"] + e["estimated"]
+    return (f"spend: train {t['tokens']:,} tokens ${t['usd']:.4f} (paid ${t['paid_usd']:.4f}), "
+            f"eval {e['tokens']:,} tokens ${e['usd']:.4f} (paid ${e['paid_usd']:.4f})"
+            + (f"; {est} answers' usage estimated" if est else ""))

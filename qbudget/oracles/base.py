@@ -38,12 +38,16 @@ class OracleCallError(QBudgetError):
 
     ``partial`` maps positions in the requested batch to responses that *did* arrive before
     the failure: real, paid-for answers the ledger stores so a retry does not pay for them
-    again, while the failed purchase itself is never charged.
+    again, while the failed purchase itself is never charged. ``partial_usage`` holds
+    their usage (same positions) when the oracle reports it.
     """
 
-    def __init__(self, message: str, partial: dict[int, str] | None = None):
+    def __init__(self, message: str, partial: dict[int, str] | None = None,
+                 partial_usage: dict | None = None):
         super().__init__(message)
         self.partial: dict[int, str] = dict(partial or {})
+        #: the :class:`qbudget.oracles.usage.Usage` of those answers, where known
+        self.partial_usage: dict = dict(partial_usage or {})
 
 
 def stable_hash(obj) -> str:

@@ -45,6 +45,8 @@ import numpy as np
 
 from qbudget.errors import QBudgetError
 from qbudget.oracles.base import OracleCallError, prompt_seed, stable_hash
+from qbudget.oracles.usage import (TEMPLATE_MARGIN_TOKENS, TokenCounter, Usage, bound_tokens,
+                                   estimate_tokens)
 from qbudget.pool import Prompt
 
 APIS = ("chat", "completions")
@@ -237,6 +239,11 @@ class HttpOracle:
             self._special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         else:
             self._special = GENERIC_SPECIAL
+        # counts tokens when the server sends no usage (needs tokenizer.json in the folder)
+        self._counter = None
+        if config.tokenizer is not None and (Path(config.tokenizer).expanduser()
+                                             / "tokenizer.json").is_file():
+            self._counter = TokenCounter(config.tokenizer)
 
     def __repr__(self) -> str:
         return f"HttpOracle(endpoint={self.config.endpoint!r}, model={self.config.model!r})"
@@ -248,6 +255,10 @@ class HttpOracle:
         return " ".join(text.split())
 
     def _body(self, prompt: Prompt, sample: int) -> dict:
+        return self.request_body(prompt, sample)
+
+    def request_body(self, prompt: Prompt, sample: int = 0) -> dict:
+        """The JSON body POSTed for ``prompt`` (also the ``body`` of a Batch API request)."""
         c = self.config
         body: dict = {"model": c.model, "temperature": c.temperature, "top_p": c.top_p,
                       "max_tokens": c.max_tokens, "n": 1}
@@ -266,6 +277,26 @@ class HttpOracle:
         if not isinstance(text, str):
             raise TypeError("content is not a string")
         return text
+
+    def _usage(self, data, prompt: Prompt, text: str) -> Usage:
+        """The answer's usage: the server's ``usage`` field, else counted (and marked so)."""
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (pt, ct)):
+                return Usage(pt, ct, "server")
+        asked = prompt.text + (self.config.system_prompt or "")
+        if self._counter is not None:
+            return Usage(self._counter.count(asked), self._counter.count(text), "tokenizer")
+        return Usage(estimate_tokens(asked), estimate_tokens(text), "estimate")
+
+    def worst_case(self, prompt: Prompt) -> Usage:
+        """The most one request may use: its prompt tokens (counted with the teacher's
+        tokenizer when configured, else bounded by the prompt's UTF-8 bytes), plus a margin
+        for the chat template, plus the ``max_tokens`` it asks for."""
+        asked = prompt.text + (self.config.system_prompt or "")
+        bare = self._counter.count(asked) if self._counter is not None else bound_tokens(asked)
+        return Usage(bare + TEMPLATE_MARGIN_TOKENS, self.config.max_tokens, "estimate")
 
     def answer_problem(self, prompt: Prompt, text: str) -> str | None:
         """What makes ``text`` not an answer to ``prompt`` (echo, special tokens), or None."""
@@ -310,7 +341,7 @@ class HttpOracle:
             u = float(self._rng.random())
         return base * (0.5 + 0.5 * u)  # "equal jitter": spreads retries, keeps a floor
 
-    def _attempt(self, client, headers, prompt: Prompt, sample: int) -> str:
+    def _attempt(self, client, headers, prompt: Prompt, sample: int) -> tuple[str, Usage]:
         import httpx
 
         with self._count_lock:
@@ -324,13 +355,14 @@ class HttpOracle:
         code = r.status_code
         if code == 200:
             try:
-                text = self._extract(json.loads(r.content))
+                data = json.loads(r.content)
+                text = self._extract(data)
             except (ValueError, KeyError, IndexError, TypeError):
                 raise _Retryable("status 200 with a truncated or malformed JSON body") from None
             problem = self.answer_problem(prompt, text)
             if problem is not None:
                 raise _BadAnswer(self._scrub(problem))
-            return text
+            return text, self._usage(data, prompt, text)
         if code in (408, 409, 425, 429) or code >= 500:
             raise _Retryable(f"status {code}", self._retry_after(r.headers.get("retry-after")))
         detail = r.text[:300]
@@ -344,7 +376,7 @@ class HttpOracle:
             f"{code} ({detail[:200]})"))
 
     def _fetch(self, client, headers, prompt: Prompt, sample: int, abort: threading.Event):
-        """One prompt with retries -> ('ok', text) | ('fail', message) | ('skip', None)."""
+        """One prompt with retries -> ('ok', (text, usage)) | ('fail', message) | ('skip', None)."""
         attempts = self.config.max_retries + 1
         last = "not attempted"
         for attempt in range(attempts):
@@ -369,6 +401,10 @@ class HttpOracle:
 
     # -- the oracle API ------------------------------------------------------------------
     def answer(self, prompts: Sequence[Prompt], sample: int = 0) -> list[str]:
+        return [text for text, _ in self.answer_usage(prompts, sample)]
+
+    def answer_usage(self, prompts: Sequence[Prompt], sample: int = 0) -> list[tuple[str, Usage]]:
+        """Answers with their :class:`Usage` (see :meth:`_usage`)."""
         import httpx
 
         prompts = list(prompts)
@@ -389,8 +425,9 @@ class HttpOracle:
             except BaseException:  # e.g. Ctrl-C: let queued prompts skip instead of paying on
                 abort.set()
                 raise
-        answers = {i: text for i, (kind, text) in enumerate(outcomes) if kind == "ok"}
+        answers = {i: got for i, (kind, got) in enumerate(outcomes) if kind == "ok"}
         failures = [msg for kind, msg in outcomes if kind == "fail"]
         if failures:
-            raise OracleCallError(failures[0], partial=answers)
+            raise OracleCallError(failures[0], partial={i: t for i, (t, _) in answers.items()},
+                                  partial_usage={i: u for i, (_, u) in answers.items()})
         return [answers[i] for i in range(len(prompts))]

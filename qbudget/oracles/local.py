@@ -19,6 +19,7 @@ from typing import Sequence
 
 from qbudget.errors import QBudgetError
 from qbudget.oracles.base import prompt_seed, stable_hash
+from qbudget.oracles.usage import Usage
 from qbudget.pool import Prompt
 
 SAMPLING_KEYS = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 32}
@@ -67,7 +68,8 @@ def check_sampling(sampling: dict) -> dict:
 
 
 class LocalModelOracle:
-    """A teacher checkpoint answering with ``qbudget.models.generate.generate_text``."""
+    """A teacher checkpoint answering with ``qbudget.models.generate.generate`` (as
+    ``generate_text`` frames and decodes), reporting each answer's exact token usage."""
 
     def __init__(self, teacher_dir: str | Path, sampling: dict, seed: int, batch_size: int = 64):
         self.teacher_dir = Path(teacher_dir)
@@ -86,25 +88,50 @@ class LocalModelOracle:
     def _load(self):
         with self._lock:
             if self._model is None:
-                from qbudget.models import CausalLM, load_tokenizer
+                from qbudget.models import CausalLM
 
                 self._model = CausalLM.from_pretrained(self.teacher_dir)
-                self._tokenizer = load_tokenizer(self.teacher_dir)
-        return self._model, self._tokenizer
+        return self._model, self._load_tokenizer()
+
+    def _load_tokenizer(self):
+        if self._tokenizer is None:
+            from qbudget.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.teacher_dir)
+        return self._tokenizer
 
     def answer(self, prompts: Sequence[Prompt], sample: int = 0) -> list[str]:
+        return [text for text, _ in self.answer_usage(prompts, sample)]
+
+    def answer_usage(self, prompts: Sequence[Prompt], sample: int = 0) -> list[tuple[str, Usage]]:
+        """Answers with exact usage: the framed prompt's tokens, and the tokens generated
+        (the stop token included when the answer ended on one, as an endpoint bills it)."""
         if not prompts:
             return []
-        from qbudget.models.generate import generate_text
+        from qbudget.models.generate import generate, stop_ids
+        from qbudget.models.text import encode_prompt
 
         model, tok = self._load()
         texts = [p.text for p in prompts]
-        seeds = [prompt_seed(self.seed, t, sample) for t in texts]
-        out = generate_text(model, tok, texts, max_new_tokens=self.sampling["max_new_tokens"],
-                            temperature=self.sampling["temperature"],
-                            top_p=self.sampling["top_p"], seeds=seeds,
-                            batch_size=self.batch_size)
-        return list(out)
+        ids = [encode_prompt(tok, t) for t in texts]
+        max_new = self.sampling["max_new_tokens"]
+        out = generate(model, ids, max_new_tokens=max_new,
+                       temperature=self.sampling["temperature"], top_p=self.sampling["top_p"],
+                       seeds=[prompt_seed(self.seed, t, sample) for t in texts],
+                       batch_size=self.batch_size, eos_token_id=stop_ids(model, tok),
+                       pad_token_id=tok.pad_token_id)
+        return [(tok.decode(new, skip_special_tokens=True),
+                 Usage(len(prompt), min(len(new) + 1, max_new), "tokenizer"))
+                for prompt, new in zip(ids, out)]
+
+    def worst_case(self, prompt: Prompt) -> Usage:
+        """Exact prompt tokens plus every token ``max_new_tokens`` allows."""
+        from qbudget.models.text import encode_prompt
+
+        with self._lock:
+            tok = self._load_tokenizer()
+        return Usage(len(encode_prompt(tok, prompt.text)), self.sampling["max_new_tokens"],
+                     "tokenizer")
 
     def __repr__(self) -> str:
         return f"LocalModelOracle({str(self.teacher_dir)!r}, {self.sampling}, seed={self.seed})"

@@ -14,11 +14,17 @@ from typing import Callable
 import numpy as np
 
 from qbudget.errors import QBudgetError
+from qbudget.oracles.usage import Price
 from qbudget.pool import Prompt, load_prompts
 from qbudget.worlds import cache
 from qbudget.worlds.specs import CATEGORIES, SPEC_VERSION, WorldSpec, get_spec, list_specs
 
-__all__ = ["World", "list_worlds", "get_world", "build_world", "CATEGORIES"]
+__all__ = ["World", "list_worlds", "get_world", "build_world", "CATEGORIES", "EMBEDDED_PRICE"]
+
+#: The embedded teachers are priced like a small hosted model (US$ 0.15 per million input
+#: and 0.60 per million output tokens, the list price of a "mini" tier in 2025), so budgets
+#: in dollars, cost columns and cost-aware acquisition can be tried offline.
+EMBEDDED_PRICE = Price(0.15, 0.60)
 
 
 @dataclass
@@ -40,6 +46,11 @@ class World:
     @property
     def architecture(self) -> str:
         return self.info.get("architecture", "")
+
+    @property
+    def price(self):
+        """What the embedded teacher's answers cost (:data:`EMBEDDED_PRICE`)."""
+        return EMBEDDED_PRICE
 
 
 def _load(root: Path) -> World:
