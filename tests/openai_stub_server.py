@@ -83,15 +83,19 @@ class StubServer:
                     msg = {"error": {"message": "invalid api key"}}
                     return self._send(401, json.dumps(msg).encode())
                 kind, arg = (action if isinstance(action, tuple) else (action, None))
-                if kind in ("ok", "content"):
+                if kind in ("ok", "content", "usage"):
                     # ("content", fmt): a 200 whose answer is fmt.format(prompt=, answer=), e.g.
-                    # the prompt echoed in front of the answer with chat markers
-                    content = answer_for(text) if kind == "ok" else \
+                    # the prompt echoed in front of the answer with chat markers;
+                    # ("usage", (prompt_tokens, completion_tokens)): the answer with a usage
+                    content = answer_for(text) if kind != "content" else \
                         arg.format(prompt=text, answer=answer_for(text))
                     choice = ({"message": {"role": "assistant", "content": content}} if chat
                               else {"text": content})
-                    payload = json.dumps({"id": "x", "choices": [{"index": 0, **choice,
-                                                                   "finish_reason": "stop"}]})
+                    data = {"id": "x", "choices": [{"index": 0, **choice, "finish_reason": "stop"}]}
+                    if kind == "usage":
+                        data["usage"] = {"prompt_tokens": arg[0], "completion_tokens": arg[1],
+                                         "total_tokens": arg[0] + arg[1]}
+                    payload = json.dumps(data)
                     self._send(200, payload.encode())
                     with stub.lock:
                         stub.successes[text] += 1

@@ -45,6 +45,31 @@ def test_answers_both_apis_and_sends_config(api, path):
     assert len({b["seed"] for b in srv.bodies}) == len(ps)
 
 
+def test_usage_is_the_servers_else_counted_with_the_tokenizer_else_estimated(micro_world):
+    """The bill's token counts: the endpoint's ``usage`` when it sends one; without it the
+    teacher tokenizer's count (``tokenizer = DIR``), else an estimate -- each marked."""
+    from qbudget.oracles.usage import TokenCounter, estimate_tokens
+
+    ps = prompts(3)
+    scripts = {ps[0].text: [("usage", (31, 7))]}
+    with StubServer(scripts, api_key=KEY) as srv:
+        got = make_oracle(srv.url + "/v1").answer_usage(ps)
+        counted = make_oracle(srv.url + "/v1", tokenizer=str(micro_world.teacher_dir),
+                              max_tokens=20).answer_usage(ps[1:])
+        worst = make_oracle(srv.url + "/v1", max_tokens=20).worst_case(ps[1])
+    assert [(u.prompt_tokens, u.completion_tokens, u.source) for _, u in got[:1]] == [(31, 7, "server")]
+    for p, (text, u) in zip(ps[1:], got[1:]):
+        assert (u.prompt_tokens, u.completion_tokens, u.source) == \
+            (estimate_tokens(p.text), estimate_tokens(text), "estimate")
+    tok = TokenCounter(micro_world.teacher_dir)
+    for p, (text, u) in zip(ps[1:], counted):
+        assert (u.prompt_tokens, u.completion_tokens, u.source) == \
+            (tok.count(p.text), tok.count(text), "tokenizer")
+    # the worst case bounds the prompt by its bytes, plus the chat-template margin, and asks
+    # for every token max_tokens allows
+    assert worst.prompt_tokens >= len(ps[1].text.encode()) and worst.completion_tokens == 20
+
+
 def test_fingerprint_tracks_answers_not_transport_or_key(monkeypatch):
     a = make_oracle("http://127.0.0.1:9", concurrency=2)
     b = make_oracle("http://127.0.0.1:9/v1/", concurrency=16, timeout_s=5)
