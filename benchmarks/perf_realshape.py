@@ -14,8 +14,11 @@ sessions (load average 3-7); 4 layers took 33 minutes at load average 9-13. Pass
 layers, so fewer layers weigh the head more). Same data, same run:
 
 - LoRA training throughput (tokens/s), batch 8 x 256, rank 8 on all seven projections
-  (q/k/v/o, gate/up/down), AdamW, the same masked next-token loss (loss on the last two
-  thirds of each row): qbudget's ``train_steps`` vs transformers + peft;
+  (q/k/v/o, gate/up/down), AdamW, the same masked next-token loss: each row is a prompt of
+  48-128 tokens (seeded) and its answer to 256, loss on the answer only (about two thirds
+  of the positions), as in distillation: qbudget's ``train_steps`` vs transformers + peft.
+  Ours computes the lm head only at the target positions (``train.head_rows``);
+  transformers + peft computes full logits and masks the loss, as HF's loss does;
 - greedy generation throughput (new tokens/s), batch 8, prompt 64, 64 new tokens:
   ``qbudget.models.generate`` vs transformers ``generate(do_sample=False)``, with the share
   of rows whose token ids are equal, next to the most plain float32 matmuls allow;
@@ -29,7 +32,8 @@ layers, so fewer layers weigh the head more). Same data, same run:
   that fails (e.g. bfloat16 safetensors not supported yet) is reported with its error.
 
 Training and generation figures are medians of several timed calls after a warm-up
-(compilation is not timed). Both sides run in this one process under the allocator setting
+(compilation is not timed), ours and the peer's calls interleaved one by one so that the
+shared machine's load changes hit both sides alike. Both sides run in this one process under the allocator setting
 ``import qbudget`` applies (``qbudget.runtime.configure_allocator``; ``QBUDGET_MALLOC=system``
 runs both without it). Run: ``python benchmarks/perf_realshape.py [--layers N] [--quick]``
 — prints one JSON object.
@@ -98,12 +102,34 @@ def make_checkpoints(f32: Path, bf16: Path, layers: int) -> None:
     del model
 
 
+#: Each training row is a prompt of PROMPT_MIN..PROMPT_MAX tokens (seeded, uniform) followed
+#: by the answer up to TRAIN_T: the loss is on the answer only, as in distillation (about
+#: two thirds of the positions; see ``split`` in the JSON).
+PROMPT_MIN, PROMPT_MAX = 48, 128
+
+
+def prompt_lengths():
+    return np.random.default_rng(2).integers(PROMPT_MIN, PROMPT_MAX + 1, TRAIN_B)
+
+
 def train_batch():
     rng = np.random.default_rng(0)
     ids = rng.integers(3, VOCAB, (TRAIN_B, TRAIN_T)).astype(np.int32)
     loss_mask = np.zeros((TRAIN_B, TRAIN_T), np.float32)
-    loss_mask[:, TRAIN_T // 3:] = 1.0
+    for row, p in enumerate(prompt_lengths()):
+        loss_mask[row, p:] = 1.0
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask}
+
+
+def train_split() -> dict:
+    """The benchmark's prompt/answer split, as the JSON reports it."""
+    p = prompt_lengths()
+    b = train_batch()
+    targets = int(np.count_nonzero(b["loss_mask"][:, 1:]))
+    return {"prompt_tokens_per_row": [int(x) for x in p],
+            "answer_tokens_per_row": [int(TRAIN_T - x) for x in p],
+            "target_positions": targets, "positions": TRAIN_B * TRAIN_T,
+            "target_share": round(targets / (TRAIN_B * TRAIN_T), 3)}
 
 
 class _FixedBatcher:
@@ -127,18 +153,19 @@ def _lora_macs() -> int:
     return sum(RANK * (i + o) for i, o in dims)
 
 
-def training_flops(layers: int) -> dict:
+def training_flops(layers: int, head_rows: int | None = None) -> dict:
     """FLOPs of one LoRA step, counted as perf_models counts them: forward + activation
     gradients through the frozen base (no base weight gradients) + LoRA forward/backward,
     attention products (causal masking not subtracted), the tied lm head (forward and its
-    input gradient). Split by part, to see where the work is."""
+    input gradient) on ``head_rows`` rows (default: every position). Split by part, to see
+    where the work is."""
     tokens = TRAIN_B * TRAIN_T
     lin = layers * _layer_macs()
     attn = layers * 2 * TRAIN_T * HEADS * HEAD_DIM       # QK^T and PV per token
     lora = layers * _lora_macs()
     head = HIDDEN * VOCAB
     parts = {"layers_linear": 2 * 2 * lin * tokens, "attention": 2 * 3 * attn * tokens,
-             "lora": 2 * 3 * lora * tokens, "lm_head": 2 * 2 * head * tokens}
+             "lora": 2 * 3 * lora * tokens, "lm_head": 2 * 2 * head * (head_rows or tokens)}
     parts["total"] = sum(parts.values())
     return {k: float(v) for k, v in parts.items()}
 
@@ -194,13 +221,24 @@ def bench_matmul(layers: int, repeats: int, tokens: int = TRAIN_B * TRAIN_T,
     return {"gflops": total_flops / total_time / 1e9, "per_shape": per_shape}
 
 
-def bench_ours_train(folder, layers, steps):
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Time each callable ``repeats`` times, alternating between them call by call, so a
+    change in the machine's load hits every side alike."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].extend(_timed(fn, 1))
+    return times
+
+
+def ours_train(folder):
+    """(one-step callable, compile + first step seconds, first loss, head rows)."""
     import jax
     from flax import nnx
 
     from qbudget.models import CausalLM
     from qbudget.models.lora import attach_lora
-    from qbudget.models.train import make_optimizer, train_steps
+    from qbudget.models.train import head_rows, make_optimizer, train_steps
 
     model = CausalLM.from_pretrained(folder)
     attach_lora(model, rank=RANK, alpha=ALPHA, targets=TARGETS, key=jax.random.key(1))
@@ -210,13 +248,13 @@ def bench_ours_train(folder, layers, steps):
     t0 = time.perf_counter()
     first = train_steps(model, opt, batcher, 1, rng=rng)          # compile + warm-up
     compile_s = time.perf_counter() - t0
-    times = _timed(lambda: train_steps(model, opt, batcher, 1, rng=rng), steps)
-    del model, opt
-    return {"step_s": times, "compile_and_first_step_s": compile_s,
-            "first_loss": float(first[0])}
+    rows = head_rows(model, train_batch()["loss_mask"])
+    return (lambda: train_steps(model, opt, batcher, 1, rng=rng)), compile_s, \
+        float(first[0]), rows
 
 
-def bench_torch_train(folder, steps):
+def torch_train(folder):
+    """(one-step callable, first loss)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
@@ -240,9 +278,7 @@ def bench_torch_train(folder, steps):
         losses.append(float(out.loss))
 
     step()                                               # warm-up
-    times = _timed(step, steps)
-    del model, opt
-    return {"step_s": times, "first_loss": losses[0]}
+    return step, losses[0]
 
 
 def gen_prompts():
@@ -250,7 +286,8 @@ def gen_prompts():
     return rng.integers(3, VOCAB, (GEN_B, GEN_P)).astype(np.int64)
 
 
-def bench_ours_generate(folder, repeats):
+def ours_generate(folder):
+    """(one-call callable, first call's ids, compile + first call seconds)."""
     from qbudget.models import CausalLM
     from qbudget.models.generate import generate
 
@@ -265,12 +302,11 @@ def bench_ours_generate(folder, repeats):
     t0 = time.perf_counter()
     first = run()
     compile_s = time.perf_counter() - t0
-    times = _timed(run, repeats)
-    del model
-    return times, first, compile_s
+    return run, first, compile_s
 
 
-def bench_torch_generate(folder, repeats):
+def torch_generate(folder):
+    """(one-call callable, first call's new ids)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -287,9 +323,7 @@ def bench_torch_generate(folder, repeats):
         return out
 
     first = run()[:, GEN_P:].tolist()
-    times = _timed(run, repeats)
-    del model
-    return times, first
+    return run, first
 
 
 def generation_bound_s(layers, repeats) -> float:
@@ -402,25 +436,36 @@ def main(argv=None):
         result["config"]["checkpoint_build_s"] = round(time.perf_counter() - t0, 1)
         tokens = TRAIN_B * TRAIN_T
         if "train" not in skip:
-            ours = bench_ours_train(f32, layers, steps)
-            theirs = bench_torch_train(f32, steps)
-            o_s, t_s = _median(ours["step_s"]), _median(theirs["step_s"])
+            o_step, o_compile, o_loss, o_rows = ours_train(f32)
+            t_step, t_loss = torch_train(f32)
+            times = _interleaved({"ours": o_step, "torch": t_step}, steps)
+            del o_step, t_step
+            o_s, t_s = _median(times["ours"]), _median(times["torch"])
             result["lora_train"] = {
                 "ours_tokens_per_s": round(tokens / o_s, 1),
                 "torch_peft_tokens_per_s": round(tokens / t_s, 1),
                 "ratio": round(t_s / o_s, 3), "target_ratio": 1.3,
-                "ours_step_s": [round(t, 3) for t in ours["step_s"]],
-                "torch_peft_step_s": [round(t, 3) for t in theirs["step_s"]],
-                "ours_compile_and_first_step_s": round(ours["compile_and_first_step_s"], 1),
-                "first_loss": {"ours": round(ours["first_loss"], 5),
-                               "torch_peft": round(theirs["first_loss"], 5)}}
-            flops = training_flops(layers)
+                "ours_step_s": [round(t, 3) for t in times["ours"]],
+                "torch_peft_step_s": [round(t, 3) for t in times["torch"]],
+                "timing": "steps interleaved ours/torch, median of each",
+                "ours_compile_and_first_step_s": round(o_compile, 1),
+                "split": train_split(),
+                "ours_lm_head_rows": o_rows or TRAIN_B * TRAIN_T,
+                "lm_head_note": ("ours computes the lm head and cross-entropy only at the "
+                                 "target (answer) positions, gathered into a bucket of "
+                                 "ours_lm_head_rows rows; transformers + peft computes the "
+                                 "logits at all positions (its loss masks them afterwards), "
+                                 "as a plain HF training loop does"),
+                "first_loss": {"ours": round(o_loss, 5), "torch_peft": round(t_loss, 5)}}
+            flops = training_flops(layers, o_rows)        # the work ours does
+            full = training_flops(layers)                 # the work torch + peft does
             achieved = flops["total"] / o_s / 1e9
             result["train_step_flops"] = {
                 "gflop_per_step": round(flops["total"] / 1e9, 1),
                 "gflop_by_part": {k: round(v / 1e9, 1) for k, v in flops.items() if k != "total"},
+                "torch_peft_gflop_per_step": round(full["total"] / 1e9, 1),
                 "achieved_gflops": round(achieved, 1),
-                "torch_peft_achieved_gflops": round(flops["total"] / t_s / 1e9, 1)}
+                "torch_peft_achieved_gflops": round(full["total"] / t_s / 1e9, 1)}
             if "matmul" not in skip:
                 mm = bench_matmul(layers, repeats)
                 result["train_step_flops"].update({
@@ -429,8 +474,11 @@ def main(argv=None):
                     "fraction_of_matmul": round(achieved / mm["gflops"], 3),
                     "target_fraction": 0.7})
         if "generate" not in skip:
-            o_times, ours_ids, compile_s = bench_ours_generate(f32, repeats)
-            t_times, torch_ids = bench_torch_generate(f32, repeats)
+            o_run, ours_ids, compile_s = ours_generate(f32)
+            t_run, torch_ids = torch_generate(f32)
+            times = _interleaved({"ours": o_run, "torch": t_run}, repeats)
+            del o_run, t_run
+            o_times, t_times = times["ours"], times["torch"]
             o_s, t_s = _median(o_times), _median(t_times)
             same_rows = sum(a == b for a, b in zip(ours_ids, torch_ids))
             same_tok = sum(x == y for a, b in zip(ours_ids, torch_ids) for x, y in zip(a, b))
@@ -442,6 +490,7 @@ def main(argv=None):
                 "ratio": round(t_s / o_s, 3), "target_ratio": 2.0,
                 "ours_call_s": [round(t, 3) for t in o_times],
                 "transformers_call_s": [round(t, 3) for t in t_times],
+                "timing": "calls interleaved ours/transformers, median of each",
                 "ours_compile_and_first_call_s": round(compile_s, 1),
                 "same_sequences_share": round(same_rows / GEN_B, 3),
                 "same_tokens_share": round(same_tok / (GEN_B * GEN_N), 4),

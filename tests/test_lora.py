@@ -114,6 +114,34 @@ def test_lora_training_lowers_loss_and_keeps_base_bit_identical(tok, kind):
     assert np.abs(np.asarray(model(ids)) - with_lora).max() <= 1e-5
 
 
+@pytest.mark.parametrize("wrt", ["lora", "full"])
+def test_target_only_head_trains_exactly_like_the_full_head(tok, monkeypatch, wrt):
+    """At a real vocabulary the step runs the lm head only at the target positions
+    (``head_rows``); forced on for a tiny model, it must give the full-head step's losses
+    and parameters (same arithmetic on fewer rows), for adapters and full training."""
+    from qbudget.models import train
+
+    def trained(gather: bool):
+        monkeypatch.setattr(train, "GATHER_HEAD_MIN_VOCAB", 0 if gather else 10**9)
+        model = CausalLM.from_config(config("qwen2"), key=jax.random.key(6))
+        if wrt == "lora":
+            attach_lora(model, rank=4, alpha=16, key=jax.random.key(7))
+        opt = make_optimizer(model, 1e-2, wrt=nnx.LoRAParam if wrt == "lora" else nnx.Param)
+        batcher = PairBatcher(tok, PROMPTS, ANSWERS, batch_size=5, max_len=32)
+        rows = train.head_rows(model, batcher.batch(range(5))["loss_mask"])
+        losses = train_steps(model, opt, batcher, 6, rng=np.random.default_rng(0))
+        leaves = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return rows, losses, [np.asarray(x) for x in leaves]
+
+    rows, gathered, g_params = trained(True)
+    no_rows, full, f_params = trained(False)
+    mask = PairBatcher(tok, PROMPTS, ANSWERS, batch_size=5, max_len=32).batch(range(5))["loss_mask"]
+    assert no_rows is None and rows is not None
+    assert np.count_nonzero(mask[:, 1:]) <= rows < mask.size   # fewer rows, every target kept
+    np.testing.assert_allclose(gathered, full, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(g_params, f_params)) <= 1e-5
+
+
 def test_full_training_moves_all_params(tok):
     model = CausalLM.from_config(config(), key=jax.random.key(4))
     batcher = PairBatcher(tok, PROMPTS, ANSWERS, batch_size=5, max_len=32)

@@ -500,6 +500,11 @@ class CausalLM(nnx.Module):
 
     def forward(self, input_ids, attention_mask=None):
         """The un-jitted forward (what :meth:`__call__` computes); use inside jit/vmap."""
+        return self.logits_from_hidden(self.forward_hidden(input_ids, attention_mask))
+
+    def forward_hidden(self, input_ids, attention_mask=None):
+        """The final hidden states [B,T,E] of :meth:`forward` (before the lm head): for
+        callers that need the logits at only some positions (the training loss)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
         if attention_mask is None:
@@ -508,7 +513,7 @@ class CausalLM(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & attention_mask[:, None, :]
         h, _ = self.hidden(input_ids, positions_from_mask(attention_mask), mask)
-        return self.logits_from_hidden(h)
+        return h
 
     def init_cache(self, batch: int, length: int):
         """Zeroed KV cache: a list over layers of (k, v) [B, Hkv, S, D] (head-major)."""
