@@ -110,6 +110,8 @@ def _bad(tmp_path, kind):
         return base + ["--replay", src], r"duplicate prompt id 'same'"
     if kind == "budget over pool":
         return ["--pool", pool, "--budget", 9, "--out", out, "--replay", src], r"larger than the pool"
+    if kind == "zero budget":
+        return ["--pool", pool, "--budget", 0, "--out", out, "--replay", src], r"--budget must be at least 1"
     if kind == "malformed replay":
         return base + ["--replay", src], r"src.jsonl:2: malformed JSON"
     if kind == "no teacher":
@@ -128,7 +130,7 @@ def _bad(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["malformed pool", "duplicate pool ids", "budget over pool",
-                                  "malformed replay", "no teacher", "two teachers", "bad suffix",
+                                  "zero budget", "malformed replay", "no teacher", "two teachers", "bad suffix",
                                   "endpoint without model", "unset key variable"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, kind):
     import re

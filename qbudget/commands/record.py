@@ -152,7 +152,7 @@ BATCH_ENDPOINT = "https://api.openai.com/v1"
 def record(
     pool: Path = typer.Option(..., "--pool", help="Prompts JSONL (id, text, category)."),
     budget: Optional[int] = typer.Option(
-        None, "--budget", min=1, help="Number of answers to buy (optional with --batch-in)."),
+        None, "--budget", help="Number of answers to buy (optional with --batch-in)."),
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="Replay file to write (.jsonl or .parquet)."),
     teacher_dir: Optional[Path] = typer.Option(None, "--teacher-dir",
@@ -194,6 +194,8 @@ def record(
     """Buy teacher answers for (a subset of) a pool and write them as a replay file."""
     from qbudget.pool import load_prompts
 
+    if budget is not None and budget < 1:
+        raise QBudgetError(f"--budget must be at least 1 (answers to buy), got {budget}")
     if batch_out is not None or batch_in:
         _check_batch_args(batch_out, batch_in, out, budget, teacher_dir, replay, api_key_env,
                           cache, model)
