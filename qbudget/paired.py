@@ -280,6 +280,24 @@ def min_detectable_difference(sd: float, n: int, *, alpha: float = 0.05,
     return float(nc) * sd / math.sqrt(n)
 
 
+def seeds_for_mde(sd: float, target: float, *, alpha: float = 0.05, power: float = 0.8,
+                  max_seeds: int = 1000) -> int | None:
+    """Fewest seeds at which :func:`min_detectable_difference` is ≤ ``target``, for paired
+    differences spread like ``sd`` (None beyond ``max_seeds`` or when ``sd`` is unknown).
+
+    Why: "not distinguishable at these seeds" needs its other half, how many seeds would
+    make a difference of ``target`` detectable at the spread a sweep measured -- the
+    number to plan the next sweep with. The MDE is not monotone in n at small n (the exact
+    test's attainable level moves in steps), so this scans n upwards.
+    """
+    if math.isnan(sd) or not target > 0:
+        return None
+    for n in range(_seeds_needed(alpha), int(max_seeds) + 1):
+        if min_detectable_difference(sd, n, alpha=alpha, power=power) <= target:
+            return n
+    return None
+
+
 def effective_alpha(n: int, alpha: float = 0.05) -> float:
     """The size the exact sign-flip test really has at nominal ``alpha`` with ``n`` seeds.
 
@@ -403,6 +421,7 @@ class PowerComparison:
     mde: float             # minimum detectable difference at these seeds (α, power 0.8)
     verdict: str
     note: str
+    sd: float = math.nan   # sample sd of the per-seed differences (what the MDE scales)
 
 
 def permutation_compare(diffs, *, rng: np.random.Generator, alpha: float = 0.05,
@@ -440,7 +459,8 @@ def permutation_compare(diffs, *, rng: np.random.Generator, alpha: float = 0.05,
     else:
         verdict = (f"not distinguishable from baseline at these seeds "
                    f"(p={_fmt_p(r.p_value)}, n={n}, {mde_txt})")
-    return PowerComparison(n, mean, lo, hi, r.p_value, r.exact, mde, verdict, "; ".join(notes))
+    return PowerComparison(n, mean, lo, hi, r.p_value, r.exact, mde, verdict, "; ".join(notes),
+                           sd)
 
 
 def _seeds_needed(alpha: float) -> int:

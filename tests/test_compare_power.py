@@ -214,3 +214,20 @@ def test_hierarchical_bootstrap_from_counts_is_the_table_bootstrap():
                 ([0.7, 0.6], [50, 50], [0.6], [50])):             # unequal seeds
         with pytest.raises(QBudgetError):
             hierarchical_bootstrap_counts(*bad, rng=rng)
+
+
+def test_seeds_for_a_target_mde_is_the_first_n_whose_mde_reaches_it():
+    """The planning number printed next to each verdict: the fewest seeds whose MDE at the
+    measured spread is at most the target (none below the sign-flip floor of 6 seeds)."""
+    from qbudget.paired import min_detectable_difference, seeds_for_mde
+
+    for sd, target in ((0.05, 0.03), (0.033, 0.03), (0.02, 0.02), (0.1, 0.03)):
+        n = seeds_for_mde(sd, target)
+        assert n is not None and n >= 6
+        assert min_detectable_difference(sd, n) <= target
+        assert all(min_detectable_difference(sd, m) > target for m in range(2, n))
+    assert seeds_for_mde(0.0, 0.03) == 6          # no spread: the floor alone decides
+    assert seeds_for_mde(float("nan"), 0.03) is None
+    assert seeds_for_mde(1.0, 0.001, max_seeds=50) is None
+    # quadrupling the spread needs about sixteen times the seeds
+    assert 10 <= seeds_for_mde(0.12, 0.03) / seeds_for_mde(0.03, 0.03) <= 20
