@@ -86,12 +86,15 @@ def _verdict_lines(paired: dict) -> tuple[list[str], list[str]]:
     """One bullet per strategy (each measure's difference and verdict) and the strategies
     whose verdict is anything but "not distinguishable"."""
     diff_col = next((h for h in paired["header"] if h.startswith("mean diff")), None)
+    plan_col = next((h for h in paired["header"] if h.startswith("seeds for MDE")), None)
     by_strategy: dict[str, list[str]] = {}
     different: list[str] = []
     for row in paired["rows"]:
         name, measure, verdict = row.get("strategy", "?"), row.get("measure", ""), row.get("verdict", "")
         diff = f" {row[diff_col]}" if diff_col and row.get(diff_col) else ""
-        by_strategy.setdefault(name, []).append(f"{measure}{diff}: {verdict}")
+        plan = (f" [{plan_col.replace('seeds for MDE', 'seeds needed for an MDE of')}: {row[plan_col]}]"
+                if plan_col and row.get(plan_col, "–") != "–" else "")
+        by_strategy.setdefault(name, []).append(f"{measure}{diff}: {verdict}{plan}")
         if not verdict.startswith("not distinguishable"):
             different.append(f"{name} ({measure}: {verdict})")
     return [f"- **{name}**: " + "; ".join(parts) + "." for name, parts in by_strategy.items()], different
