@@ -29,6 +29,18 @@ README_SAYS = {
         adversaries=["ngram", "embed", "pairwise"],
         probe=5000, probe_subset=1000, probe_train=800, probe_test=200,
     ),
+    "power.toml": dict(
+        worlds=["tiny-qwen2"],
+        strategies=["random", "stratified", "disagreement", "diversity"],
+        seeds=9, cells=36,                         # "9 seeds", "36 cells"
+        baseline="stratified",
+        total=1024, round_size=128,
+        schedule=[0, 1024],                        # "evaluation at q = 0 and 1,024 only"
+        lora_rank=8, learning_rate=3e-4, steps_per_round=48,
+        targets={"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        adversaries=["ngram", "embed", "pairwise"],
+        probe=5000, probe_subset=0,                # "the full probe"
+    ),
     "quick.toml": dict(
         worlds=["micro"],
         strategies=["random", "stratified", "diversity"],
