@@ -470,12 +470,6 @@ class Ledger(_Store):
         return [tuple(r) for r in self._db.conn().execute(
             "SELECT prompt_id, response FROM purchases WHERE state='bought' ORDER BY seq")]
 
-    def bought_records(self) -> list[tuple[str, str, str]]:
-        """(prompt id, prompt text, response) in purchase order (for replay files)."""
-        return [tuple(r) for r in self._db.conn().execute(
-            "SELECT prompt_id, prompt_text, response FROM purchases WHERE state='bought' "
-            "ORDER BY seq")]
-
     def purchase_records(self) -> list[dict]:
         """Every committed purchase in order, with its usage and the cost charged:
         dicts with id, prompt, response, prompt_tokens, completion_tokens, usage_source, usd."""
