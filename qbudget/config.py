@@ -89,6 +89,11 @@ class EvalConfig:
 
     #: evaluate on a stratified subset of the probe of this size (0 = the whole probe)
     probe_subset: int = 0
+    #: K-fold cross-fitting of the classifier adversaries (1 = off): the adversary-test
+    #: split is fold 0 and the adversary-train split is cut into K − 1 more folds; each fold
+    #: is scored by an adversary trained on the other prompts, so every probe prompt is a
+    #: test item (K times the training, ~1/K the evaluation variance of the advantage)
+    crossfit: int = 1
     adversaries: tuple[str, ...] = ("ngram", "embed", "pairwise")
     #: teacher-vs-teacher similarity ceiling (costs a second teacher sample of the probe)
     ceiling: bool = True
@@ -305,6 +310,9 @@ def _check(obj: Any, prefix: str) -> None:
                  f"one of {', '.join(COMPUTE_DTYPES)}", obj.compute_dtype)
     elif isinstance(obj, EvalConfig):
         _require(obj.probe_subset >= 0, prefix + "probe_subset", "an integer >= 0", obj.probe_subset)
+        _require(isinstance(obj.crossfit, int) and not isinstance(obj.crossfit, bool)
+                 and 1 <= obj.crossfit <= 20, prefix + "crossfit",
+                 "an integer in 1..20 (folds; 1 = off)", obj.crossfit)
         _require(len(obj.adversaries) > 0, prefix + "adversaries", "a non-empty list", obj.adversaries)
         for name in obj.adversaries:
             _require(name in ADVERSARY_NAMES, prefix + "adversaries",

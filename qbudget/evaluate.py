@@ -152,6 +152,8 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
                                         pair_cosines(emb["teacher"], emb["teacher2"]),
                                         cats, names, config.alpha)
 
+    folds = crossfit_folds(is_train, config.crossfit, jax.random.fold_in(key, CROSSFIT_STREAM),
+                           {a: config.adversary_config(a).q for a in classifier_adversaries(config)})
     m = max(1, len(classifier_adversaries(config)))
     alpha_b = bonferroni_alpha(config.alpha, m)
     per_cat_best: dict[str, list] = {}
@@ -159,41 +161,126 @@ def evaluate_answers(probe: Sequence[Prompt], is_train: np.ndarray, teacher: Seq
     for name in config.adversaries:
         run, _ = get_adversary(name)
         t0 = time.perf_counter()
-        res = run(data, config.adversary_config(name), jax.random.fold_in(key, zlib.crc32(name.encode())))
-        timings[name] = time.perf_counter() - t0
+        adv_key = adversary_key(key, name)
+        res = run(data, config.adversary_config(name), adv_key)
         if isinstance(res, TwoSampleResult):
+            timings[name] = time.perf_counter() - t0
             rows += _test_rows(name, res, names)
             continue
         outcomes[name] = prompt_outcomes(res, len(data.test_idx))
-        groups = [("all", np.ones(len(res.correct), bool))]
-        groups += [(c, res.unit_category == i) for i, c in enumerate(names)]
-        for cat, sel in groups:
-            k, nn = int(res.correct[sel].sum()), int(sel.sum())
-            if nn == 0:
-                continue
-            adv, lo, hi = advantage_interval(k, nn, config.alpha)
-            p = c2st_p_value(k, nn)
-            rows.append(_row("advantage", name, cat, adv, lo, hi, nn))
-            rows.append(_row("p_value", name, cat, p, n=nn))
-            _, blo, bhi = advantage_interval(k, nn, alpha_b)
-            per_cat_best.setdefault(cat, []).append((adv, blo, bhi, p, nn))
-        rows.append(_row("adversary_q", name, "all", res.q, n=res.q))
-        rows.append(_row("adversary_t", name, "all", res.t, n=res.q))
-        rows.append(_row("adversary_flops", name, "all", res.flops, n=res.q))
-        for extra, value in res.extra.items():
-            rows.append(_row(f"adversary_{extra}", name, "all", value, n=len(res.correct)))
+        if len(folds) > 1:
+            res = _crossfit(run, data, config.adversary_config(name), adv_key, res, folds)
+        timings[name] = time.perf_counter() - t0
+        rows += classifier_rows(name, res, names, config.alpha, alpha_b, per_cat_best)
+    rows += max_rows(per_cat_best, m)
+    if certify is not None and certify.enabled and outcomes:
+        if certify_rng is None:
+            raise QBudgetError("certification needs certify_rng (a Generator for the item order)")
+        rows += certification_rows(outcomes, certify, certify_index, certify_rng)
+    return rows
 
+
+def adversary_key(key: jax.Array, name: str) -> jax.Array:
+    """The key adversary ``name`` trains with at an evaluation whose key is ``key``."""
+    return jax.random.fold_in(key, zlib.crc32(name.encode()))
+
+
+def classifier_rows(name: str, res, names: Sequence[str], alpha: float, alpha_b: float,
+                    per_cat_best: dict) -> list[dict]:
+    """Advantage and p-value rows of one classifier adversary's outcomes, overall and per
+    category, plus the bounds it ran under; its per-category entries are added to
+    ``per_cat_best`` for :func:`max_rows` (intervals at the Bonferroni level ``alpha_b``)."""
+    rows = []
+    groups = [("all", np.ones(len(res.correct), bool))]
+    groups += [(c, res.unit_category == i) for i, c in enumerate(names)]
+    for cat, sel in groups:
+        k, nn = int(res.correct[sel].sum()), int(sel.sum())
+        if nn == 0:
+            continue
+        adv, lo, hi = advantage_interval(k, nn, alpha)
+        p = c2st_p_value(k, nn)
+        rows.append(_row("advantage", name, cat, adv, lo, hi, nn))
+        rows.append(_row("p_value", name, cat, p, n=nn))
+        _, blo, bhi = advantage_interval(k, nn, alpha_b)
+        per_cat_best.setdefault(cat, []).append((adv, blo, bhi, p, nn))
+    rows.append(_row("adversary_q", name, "all", res.q, n=res.q))
+    rows.append(_row("adversary_t", name, "all", res.t, n=res.q))
+    rows.append(_row("adversary_flops", name, "all", res.flops, n=res.q))
+    for extra, value in res.extra.items():
+        rows.append(_row(f"adversary_{extra}", name, "all", value, n=len(res.correct)))
+    return rows
+
+
+def max_rows(per_cat_best: dict, m: int) -> list[dict]:
+    """Adversary ``max`` per category: the largest advantage, Bonferroni intervals over the
+    ``m`` classifier adversaries and the Bonferroni-adjusted smallest p-value."""
+    rows = []
     for cat, entries in per_cat_best.items():
         best = max(entries, key=lambda e: e[0])
         rows.append(_row("advantage", "max", cat, best[0], max(e[1] for e in entries),
                          max(e[2] for e in entries), best[4]))
         rows.append(_row("p_value", "max", cat, bonferroni_p(min(e[3] for e in entries), m),
                          n=best[4]))
-    if certify is not None and certify.enabled and outcomes:
-        if certify_rng is None:
-            raise QBudgetError("certification needs certify_rng (a Generator for the item order)")
-        rows += certification_rows(outcomes, certify, certify_index, certify_rng)
     return rows
+
+
+#: fold_in tag of the cross-fitting fold assignment (apart from every adversary's own key)
+CROSSFIT_STREAM = 0x0C0F
+
+
+def crossfit_folds(is_train: np.ndarray, k: int, key: jax.Array,
+                   bounds: Mapping[str, int | None] | None = None) -> list[np.ndarray]:
+    """The test folds of K-fold cross-fitting (``[eval] crossfit``): fold 0 is the
+    adversary-test split itself, so cross-fitting only *adds* test items to what an
+    uncross-fitted evaluation scores (its fold-0 outcomes are the same); the
+    adversary-train split, permuted by ``key``, is cut into K − 1 near-equal folds.
+
+    Every fold's adversary must train under the same sample bound as fold 0's (``q``, or
+    the whole adversary-train split when unset), so a fold may hold no more prompts than
+    the rest leaves for that: K − 1 ≥ train / test (K = 5 at the worlds' 80/20 split).
+    """
+    is_train = np.asarray(is_train, bool)
+    test, train = np.flatnonzero(~is_train), np.flatnonzero(is_train)
+    if k <= 1:
+        return [test]
+    perm = np.asarray(jax.random.permutation(key, len(train)))
+    folds = [test] + [np.sort(train[c]) for c in np.array_split(perm, k - 1)]
+    n = len(is_train)
+    for name, q in (bounds or {}).items():
+        need = len(train) if q is None else q
+        biggest = max(len(f) for f in folds[1:])
+        if n - biggest < need or biggest == 0:
+            raise QBudgetError(
+                f"eval.crossfit = {k} cuts the {len(train)} adversary-train prompts into folds "
+                f"of up to {biggest}, leaving {n - biggest} to train on where adversary "
+                f"'{name}' needs {need} (its sample bound q): use crossfit >= "
+                f"{1 + -(-len(train) // max(1, n - need))}")
+    return folds
+
+
+def _crossfit(run, data: AdversaryData, cfg, key: jax.Array, first, folds) -> "AdversaryResult":
+    """Outcomes of every fold: ``first`` (fold 0, already run) and folds 1.. each scored by
+    an adversary trained on the other prompts, under fold 0's sample bound, with its own key.
+
+    The units of the folds are concatenated (their categories alongside); the per-prompt
+    unit layout that certification reads is fold 0's alone (``outcomes`` comes from it).
+    """
+    import dataclasses
+
+    from qbudget.adversaries import AdversaryResult
+
+    n = len(data.prompts)
+    bound = first.q
+    correct, cats, flops = [first.correct], [first.unit_category], first.flops
+    for j, fold in enumerate(folds[1:], start=1):
+        train = np.setdiff1d(np.arange(n), fold)
+        fold_data = dataclasses.replace(data, train_idx=train, test_idx=fold)
+        res = run(fold_data, dataclasses.replace(cfg, q=bound), jax.random.fold_in(key, j))
+        correct.append(res.correct)
+        cats.append(res.unit_category)
+        flops += res.flops
+    return AdversaryResult(np.concatenate(correct), np.concatenate(cats), q=first.q, t=first.t,
+                           flops=flops, extra={**first.extra, "folds": len(folds)})
 
 
 def _test_rows(name: str, res: TwoSampleResult, names: Sequence[str]) -> list[dict]:
@@ -231,14 +318,26 @@ def certification_streams(outcomes: Mapping[str, np.ndarray],
     if len(n) != 1:
         raise QBudgetError("every adversary must score the same adversary-test prompts")
     n_test = n.pop()
+    order, coin = certification_order(n_test, rng)
+    return {name: stream_values(out, coin[order]) for name, out in
+            ((name, np.asarray(out, bool)[order]) for name, out in outcomes.items())}
+
+
+def certification_order(n_test: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(order, coin): the random order certification consumes the adversary-test prompts in
+    (positions in the test split) and, per position, which unit of a single-answer
+    adversary enters the stream (0 the teacher's answer, 1 the student's)."""
     order = rng.permutation(n_test)
     coin = rng.integers(0, 2, size=n_test)
-    streams = {}
-    for name, out in outcomes.items():
-        out = np.asarray(out, bool)
-        col = coin if out.shape[1] == 2 else np.zeros(n_test, np.int64)
-        streams[name] = out[order, col[order]].astype(np.int64)
-    return streams
+    return order, coin
+
+
+def stream_values(outcomes: np.ndarray, coin: np.ndarray) -> np.ndarray:
+    """0/1 stream entries of prompts whose ``[n, k]`` outcomes are given: unit ``coin`` of a
+    two-unit (single-answer adversary) prompt, the one unit of a pairwise prompt."""
+    out = np.asarray(outcomes, bool)
+    col = np.asarray(coin) if out.shape[1] == 2 else np.zeros(len(out), np.int64)
+    return out[np.arange(len(out)), col].astype(np.int64)
 
 
 def certification_rows(outcomes: Mapping[str, np.ndarray], certify: CertifyConfig,
@@ -248,23 +347,39 @@ def certification_rows(outcomes: Mapping[str, np.ndarray], certify: CertifyConfi
     Every classifier adversary's stream (:func:`certification_streams`) is tested at this
     checkpoint's alpha-spending level; the ``max`` rows hold the joint verdict (certified
     when all are: intersection–union). ``certify_items`` is how many adversary-test
-    prompts the verdict needed: the teacher answers a lazily-buying evaluation would have
-    had to pay for (this one has them all already, see docs/design.md).
+    prompts the verdict needed. This path has every answer already; a run with
+    ``[certify]`` buys them only as far as the verdict needs
+    (:mod:`qbudget.sequential_eval`).
     """
-    from qbudget.certify import CERTIFIED, DISTINGUISHABLE, UNDECIDED, certify_checkpoint
+    from qbudget.certify import certify_checkpoint
 
-    codes = {"undecided": UNDECIDED, "certified": CERTIFIED, "distinguishable": DISTINGUISHABLE}
     streams = certification_streams(outcomes, rng)
     d = certify_checkpoint(streams, certify.epsilon, certify.alpha, checkpoint=checkpoint_index)
+    return decision_rows(d, certify, checkpoint_index)
+
+
+#: ``certify_verdict`` values
+VERDICT_CODES = {"undecided": 0, "certified": 1, "distinguishable": 2}
+
+
+def decision_rows(d, certify: CertifyConfig, checkpoint_index: int,
+                  n_available: int | None = None) -> list[dict]:
+    """Rows of a checkpoint's certification decision (:class:`qbudget.certify.CheckpointDecision`):
+    per adversary and ``max``, ``certified``, ``certify_verdict`` and ``certify_items``
+    (``n`` = the adversary-test prompts available: ``n_available``, or what the decision
+    saw), then ``certify_epsilon`` and ``certify_level``."""
+    from qbudget.certify import checkpoint_level
+
     rows = []
     for name, dec in [*d.per_adversary.items(), ("max", d)]:
-        used, avail = dec.n_used, dec.n_available
+        used = dec.n_used
+        avail = dec.n_available if n_available is None else n_available
         rows.append(_row("certified", name, "all", float(dec.certified), n=used))
-        rows.append(_row("certify_verdict", name, "all", codes[dec.verdict], n=used))
+        rows.append(_row("certify_verdict", name, "all", VERDICT_CODES[dec.verdict], n=used))
         rows.append(_row("certify_items", name, "all", used, n=avail))
-    level = next(iter(d.per_adversary.values())).level
     rows.append(_row("certify_epsilon", "", "all", certify.epsilon))
-    rows.append(_row("certify_level", "", "all", level, n=checkpoint_index))
+    rows.append(_row("certify_level", "", "all", checkpoint_level(certify.alpha, checkpoint_index),
+                     n=checkpoint_index))
     return rows
 
 
@@ -308,14 +423,15 @@ def evaluate_student(student, tokenizer, probe: Sequence[Prompt], is_train: np.n
     evaluated by ``qbudget eval --world W --seed S`` gives exactly the q = 0 rows of a run
     of W with seed S and the same ``[eval]`` settings. With ``certify`` (enabled) the
     certification rows of the run's ``certify_index``-th checkpoint are added, their item
-    order drawn from ``rng_for(seed, "certify", checkpoint)``.
+    order drawn from ``rng_for(seed, "certify-order")`` (one order per run, as the buying
+    path :func:`qbudget.sequential_eval.evaluate_student_sequentially` uses).
     """
     answers = student_answers(student, tokenizer, [p.text for p in probe], sampling,
                               probe_seeds(seed, checkpoint, probe))
     return evaluate_answers(probe, is_train, teacher, answers, teacher2, encoder=encoder,
                             config=config, key=key_for(seed, "evaluate", checkpoint),
                             tokenizer=tokenizer, certify=certify, certify_index=certify_index,
-                            certify_rng=rng_for(seed, "certify", checkpoint))
+                            certify_rng=rng_for(seed, "certify-order"))
 
 
 @dataclass(frozen=True)

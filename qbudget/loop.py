@@ -107,6 +107,10 @@ class Run:
             if not classifier_adversaries(cfg.eval):
                 raise QBudgetError("[certify] needs at least one classifier adversary in "
                                    "eval.adversaries (mmd has no advantage to certify)")
+            if cfg.eval.crossfit > 1:
+                raise QBudgetError("eval.crossfit needs every probe answer, but a certifying "
+                                   "run buys the adversary-test answers only as far as its "
+                                   "verdict needs: use crossfit = 1 with [certify]")
         self.world = resolve_world(cfg.world)
         if cfg.budget.total > len(self.world.pool):
             raise QBudgetError(f"budget {cfg.budget.total} is larger than the pool of world "
@@ -304,6 +308,8 @@ class Run:
         index = len(state.evaluated) + 1
 
         def compute() -> list[dict]:
+            if cfg.certify.enabled:
+                return self._evaluate_certifying(state.q, index)
             teacher, teacher2 = teacher_answers(res.ledger, res.oracle, res.probe,
                                                 ceiling=cfg.eval.ceiling)
             return evaluate_student(res.student, res.tokenizer, res.probe, res.probe_is_train,
@@ -328,6 +334,22 @@ class Run:
                          "value": float(state.q), "ci_low": float("nan"),
                          "ci_high": float("nan"), "n": 0})
         return rows
+
+    def _evaluate_certifying(self, q: int, index: int) -> list[dict]:
+        """A certifying checkpoint's rows: probe answers bought only as far as its verdict
+        needs (:mod:`qbudget.sequential_eval`)."""
+        from qbudget.sequential_eval import evaluate_student_sequentially
+
+        res, cfg = self.res, self.cfg
+
+        def buy(rows, sample: int) -> list[str]:
+            return res.ledger.evaluation_answers(res.oracle, [res.probe[i] for i in rows],
+                                                 sample=sample)
+
+        return evaluate_student_sequentially(
+            res.student, res.tokenizer, res.probe, res.probe_is_train, buy,
+            sampling=self.world.sampling, seed=cfg.seed, checkpoint=q, encoder=res.encoder,
+            config=cfg.eval, certify=cfg.certify, certify_index=index)
 
     def _save(self, state: RunState) -> None:
         state.lora, state.optimizer = adapter_state(self.res)

@@ -17,6 +17,7 @@ End to end on the micro world (issue 21):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from qbudget.cli import app
 from qbudget.ledger import Ledger
 from qbudget.pool import Prompt, save_prompts
 from qbudget.results import read_results
+from qbudget.sequential_eval import CHUNK_SIZE
 
 #: the distinguishable run: the micro world, 2 rounds, checkpoints 0 / 16 / 32
 DISTINGUISHABLE_RUN = """
@@ -74,6 +76,8 @@ def _rows(df, metric, adversary=None, category="all"):
     ("", ["--certify", "1.2"], "--certify"),
     ("", ["--certify", "0"], "--certify"),
     ('[eval]\nadversaries = ["mmd"]\n', ["--certify", "0.3"], "classifier adversary"),
+    ("[eval]\ncrossfit = 5\n", ["--certify", "0.3"], "eval.crossfit"),
+    ("[eval]\ncrossfit = 0\n", [], "eval.crossfit"),
     ("[eval.mmd]\nq = 5\n", [], "eval.mmd.q"),
     ("[eval.mmd]\nn_permutations = 0\n", [], "eval.mmd.n_permutations"),
 ])
@@ -129,8 +133,15 @@ def test_distinguishable_student_never_certifies_and_spends_its_budget(tmp_path,
     assert v0["value"].item() == 2.0 and v0["n"].item() < n_test
     levels = _rows(df, "certify_level").set_index("q")["value"]
     assert levels.to_dict() == pytest.approx({0: 0.05 / 2, 16: 0.05 / 6, 32: 0.05 / 12})
-    # evaluation spend is recorded on every row (the probe's teacher answers, bought once)
-    assert set(df["eval_paid"].astype(int)) == {len(micro_world.probe)}
+    # evaluation buys the adversary-train answers and the test prompts the verdict read
+    # (in chunks of CHUNK_SIZE, one order for the whole run, each bought once): at q = 0
+    # the verdict fell within the first chunk, and no checkpoint bought the whole probe
+    n_train = int(micro_world.probe_is_train.sum())
+    read = _rows(df, "eval_test_items", "").set_index("q")["value"].astype(int)
+    paid = df.groupby("q")["eval_paid"].max().astype(int)
+    assert read[0] == min(math.ceil(v0["n"].item() / CHUNK_SIZE) * CHUNK_SIZE, n_test)
+    assert paid[0] == n_train + read[0]
+    assert paid.is_monotonic_increasing and paid[32] == n_train + read.max()
 
     # mmd: a p-value per checkpoint and category, next to ngram's; no advantage, not in max
     mmd = df[df.adversary == "mmd"]
@@ -194,7 +205,11 @@ def test_student_that_is_its_teacher_certifies_at_the_first_checkpoint(tmp_path,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["q"] == 0 and manifest["paid"] == 0
     assert manifest["certify"]["certified"] and manifest["certify"]["q_certified"] == 0
-    assert Ledger(out / "ledger.sqlite", budget=32).paid == 0        # stopped buying
+    ledger = Ledger(out / "ledger.sqlite", budget=32)
+    assert ledger.paid == 0                                           # stopped buying
+    # and evaluation bought only the test prompts the verdict read (whole chunks)
+    read = int(_rows(df := read_results(out), "eval_test_items", "")["value"].item())
+    assert ledger.eval_paid == 100 + read < 100 + N_TEST
     df = read_results(out)
     assert set(df.q) == {0}
     assert _rows(df, "q_certified")["value"].tolist() == [0.0]

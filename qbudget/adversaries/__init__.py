@@ -3,8 +3,11 @@
 Each adversary has a config dataclass carrying its sample bound ``q`` (adversary-train
 prompts used) and compute bound ``t`` (optimiser steps), and a ``run(data, cfg, key)``
 that trains on the adversary-train split and returns per-unit test outcomes
-(:class:`AdversaryResult`). Modules are imported lazily so a config-only import stays
-cheap.
+(:class:`AdversaryResult`). A classifier adversary's ``run`` is its
+``fit_predictor(data, cfg, key)`` (train once) applied to the whole test split; the
+returned ``predict(rows)`` also scores a few test prompts at a time, which is how a
+certifying evaluation buys teacher answers only as far as its verdict needs. Modules are
+imported lazily so a config-only import stays cheap.
 """
 
 from __future__ import annotations
@@ -35,5 +38,15 @@ def get_adversary(name: str):
     return mod.run, getattr(mod, cfg_name)
 
 
+def get_predictor(name: str):
+    """``fit_predictor(data, cfg, key) -> predict(rows)`` of a classifier adversary: train
+    once, then score adversary-test prompts a few at a time (a lazily buying evaluation);
+    None for a two-sample test (``mmd``), which fits nothing."""
+    get_adversary(name)
+    mod = importlib.import_module(ADVERSARIES[name][0])
+    return getattr(mod, "fit_predictor", None)
+
+
 __all__ = ["ADVERSARIES", "DEFAULT_ADVERSARIES", "AdversaryData", "AdversaryResult",
-           "TwoSampleResult", "get_adversary"]
+           "TwoSampleResult", "get_adversary",
+           "get_predictor"]

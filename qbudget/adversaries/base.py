@@ -35,6 +35,16 @@ class AdversaryData:
     #: answers read from files have none, and ``mmd`` then compares words)
     tokenizer: object | None = None
     _emb: dict = field(default_factory=dict, repr=False)
+    _feats: dict = field(default_factory=dict, repr=False)
+
+    def ngram_features(self, dim_log2: int):
+        """The hashed n-gram featuriser of this data at ``2**dim_log2`` (one per size, so
+        the folds of a cross-fitted evaluation, which share it, featurise each text once)."""
+        from qbudget.adversaries.features import HashedNgrams
+
+        if dim_log2 not in self._feats:
+            self._feats[dim_log2] = HashedNgrams(dim_log2)
+        return self._feats[dim_log2]
 
     def embeddings(self, which: str) -> np.ndarray:
         """Embeddings of 'prompts', 'teacher' or 'student' texts, [N, d], computed once."""

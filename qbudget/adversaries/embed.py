@@ -64,21 +64,31 @@ def unit_features(data: AdversaryData, rows: np.ndarray, use_prompt: bool) -> np
     return np.concatenate([ans, ans * np.concatenate([p, p])], axis=1)
 
 
-def run(data: AdversaryData, cfg: EmbedConfig, key: jax.Array) -> AdversaryResult:
+def fit_predictor(data: AdversaryData, cfg: EmbedConfig, key: jax.Array):
+    """Train on the adversary-train split; returns ``predict(rows) -> AdversaryResult`` for
+    adversary-test prompt rows (their embeddings are read from ``data`` when called)."""
     kq, kfit = jax.random.split(key)
     train = train_subset(data, cfg.q, kq)
-    test = np.asarray(data.test_idx)
     x = unit_features(data, train, cfg.use_prompt).astype(np.float32)
     y = np.concatenate([np.ones(len(train)), np.zeros(len(train))]).astype(np.float32)
     n = len(y)
     m = pow2_at_least(n, 64)
     params = fit_mlp(pad_rows(x, m), pad_rows(y, m), n, kfit, hidden=cfg.hidden, steps=cfg.t,
                      batch=cfg.batch, lr=cfg.lr, wd=cfg.weight_decay)
-    xt = unit_features(data, test, cfg.use_prompt).astype(np.float32)
-    logits = np.asarray(_apply(params, pad_rows(xt, pow2_at_least(len(xt), 64))))[: len(xt)]
-    yt = np.concatenate([np.ones(len(test)), np.zeros(len(test))]) > 0.5
-    correct = (logits > 0) == yt
     d = x.shape[1]
-    flops = cfg.t * 6.0 * cfg.batch * (d * cfg.hidden + cfg.hidden) + 2.0 * len(xt) * d * cfg.hidden
-    cats = np.asarray(data.categories)[np.concatenate([test, test])]
-    return AdversaryResult(correct, cats, q=len(train), t=cfg.t, flops=flops)
+
+    def predict(rows: np.ndarray) -> AdversaryResult:
+        rows = np.asarray(rows, np.int64)
+        xt = unit_features(data, rows, cfg.use_prompt).astype(np.float32)
+        logits = np.asarray(_apply(params, pad_rows(xt, pow2_at_least(len(xt), 64))))[: len(xt)]
+        yt = np.concatenate([np.ones(len(rows)), np.zeros(len(rows))]) > 0.5
+        flops = (cfg.t * 6.0 * cfg.batch * (d * cfg.hidden + cfg.hidden)
+                 + 2.0 * len(xt) * d * cfg.hidden)
+        cats = np.asarray(data.categories)[np.concatenate([rows, rows])]
+        return AdversaryResult((logits > 0) == yt, cats, q=len(train), t=cfg.t, flops=flops)
+
+    return predict
+
+
+def run(data: AdversaryData, cfg: EmbedConfig, key: jax.Array) -> AdversaryResult:
+    return fit_predictor(data, cfg, key)(data.test_idx)

@@ -36,6 +36,9 @@ class HashedNgrams:
         self.char_n = tuple(char_n)
         self.max_features = max_features
         self._tok_cache: dict[str, tuple[int, np.ndarray]] = {}
+        # each distinct (text, prompt) is featurised once per featuriser: the folds of a
+        # cross-fitted evaluation share one (AdversaryData.ngram_features)
+        self._row_cache: dict = {}
 
     def _token(self, tok: str) -> tuple[int, np.ndarray]:
         hit = self._tok_cache.get(tok)
@@ -75,7 +78,7 @@ class HashedNgrams:
         frequent features), so repeated calls with similar data reuse compiled shapes.
         """
         rows_i, rows_v = [], []
-        done: dict = {}  # each distinct (text, prompt) is featurised once
+        done = self._row_cache
         for i, text in enumerate(texts):
             memo = (text, None if prompts is None else prompts[i])
             hit = done.get(memo)

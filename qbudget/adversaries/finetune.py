@@ -44,13 +44,14 @@ def _make_step(graphdef, tx):
     return step
 
 
-def run(data: AdversaryData, cfg: FinetuneConfig, key: jax.Array) -> AdversaryResult:
+def fit_predictor(data: AdversaryData, cfg: FinetuneConfig, key: jax.Array):
+    """Fine-tune on the adversary-train split; returns ``predict(rows) -> AdversaryResult``
+    for adversary-test prompt rows (their texts are read from ``data`` when called)."""
     enc = data.encoder
     if enc is None:
         raise QBudgetError("the finetune adversary needs a sentence encoder")
     kq, khead, kdata = jax.random.split(key, 3)
     train = train_subset(data, cfg.q, kq)
-    test = np.asarray(data.test_idx)
     graphdef, state = nnx.split(enc.model)
     head = {"w": jax.random.normal(khead, (enc.dim,)) * 0.02, "b": jnp.zeros(())}
     labels = (jax.tree.map(lambda _: "enc", state), {"w": "head", "b": "head"})
@@ -68,29 +69,38 @@ def run(data: AdversaryData, cfg: FinetuneConfig, key: jax.Array) -> AdversaryRe
     y_all = np.concatenate([np.ones(len(train)), np.zeros(len(train))]).astype(np.float32)
     pairs_arg = (lambda p, a: (p, a)) if cfg.use_prompt else (lambda p, a: (a, None))
     rng = np.random.default_rng(np.asarray(jax.random.key_data(kdata)).ravel())
-    train_tokens = eval_tokens = 0
+    train_tokens = 0
     for _ in range(cfg.t):
         rows = rng.integers(0, len(y_all), cfg.batch)
         a, b = pairs_arg([tr_p[r] for r in rows], [tr_a[r] for r in rows])
         ids, mask, types = enc.tokenize(a, b, length=cfg.max_length)
         train_tokens += ids.size
         state, head, opt_state = step(state, head, opt_state, ids, mask, types, y_all[rows])
-
-    te_p, te_a = texts(test)
     logit_fn = jax.jit(functools.partial(_logits, graphdef))
-    logits = np.zeros(len(te_a), np.float32)
-    for s in range(0, len(te_a), cfg.eval_batch):
-        sl = slice(s, s + cfg.eval_batch)
-        a, b = pairs_arg(te_p[sl], te_a[sl])
-        ids, mask, types = enc.tokenize(a, b, length=cfg.max_length)
-        pad = cfg.eval_batch - len(ids)
-        if pad:
-            ids, mask, types = (pad_rows(x, cfg.eval_batch) for x in (ids, mask, types))
-            mask[len(mask) - pad:, 0] = 1
-        eval_tokens += ids.size
-        logits[sl] = np.asarray(logit_fn(state, head, ids, mask, types))[: len(te_a[sl])]
-    yt = np.concatenate([np.ones(len(test)), np.zeros(len(test))]) > 0.5
     n_params = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, "size"))
-    flops = n_params * (6.0 * train_tokens + 2.0 * eval_tokens)  # rough: counts embeddings too
-    cats = np.asarray(data.categories)[np.concatenate([test, test])]
-    return AdversaryResult((logits > 0) == yt, cats, q=len(train), t=cfg.t, flops=flops)
+
+    def predict(rows: np.ndarray) -> AdversaryResult:
+        test = np.asarray(rows, np.int64)
+        te_p, te_a = texts(test)
+        eval_tokens = 0
+        logits = np.zeros(len(te_a), np.float32)
+        for s in range(0, len(te_a), cfg.eval_batch):
+            sl = slice(s, s + cfg.eval_batch)
+            a, b = pairs_arg(te_p[sl], te_a[sl])
+            ids, mask, types = enc.tokenize(a, b, length=cfg.max_length)
+            pad = cfg.eval_batch - len(ids)
+            if pad:
+                ids, mask, types = (pad_rows(x, cfg.eval_batch) for x in (ids, mask, types))
+                mask[len(mask) - pad:, 0] = 1
+            eval_tokens += ids.size
+            logits[sl] = np.asarray(logit_fn(state, head, ids, mask, types))[: len(te_a[sl])]
+        yt = np.concatenate([np.ones(len(test)), np.zeros(len(test))]) > 0.5
+        flops = n_params * (6.0 * train_tokens + 2.0 * eval_tokens)  # rough: counts embeddings too
+        cats = np.asarray(data.categories)[np.concatenate([test, test])]
+        return AdversaryResult((logits > 0) == yt, cats, q=len(train), t=cfg.t, flops=flops)
+
+    return predict
+
+
+def run(data: AdversaryData, cfg: FinetuneConfig, key: jax.Array) -> AdversaryResult:
+    return fit_predictor(data, cfg, key)(data.test_idx)

@@ -58,23 +58,35 @@ def featurize_units(data: AdversaryData, rows: np.ndarray, feats: HashedNgrams, 
     return idx, val, y
 
 
-def run(data: AdversaryData, cfg: NgramConfig, key: jax.Array) -> AdversaryResult:
+def fit_predictor(data: AdversaryData, cfg: NgramConfig, key: jax.Array):
+    """Train on the adversary-train split; returns ``predict(rows) -> AdversaryResult`` for
+    adversary-test prompt rows (read from ``data`` when called, so a lazily buying
+    evaluation can fill in teacher answers between calls)."""
     train = train_subset(data, cfg.q, key)
-    test = np.asarray(data.test_idx)
-    feats = HashedNgrams(cfg.dim_log2)
+    feats = data.ngram_features(cfg.dim_log2)
     idx, val, y = featurize_units(data, train, feats, cfg.use_prompt)
-    tidx, tval, ty = featurize_units(data, test, feats, cfg.use_prompt)
-    k = max(idx.shape[1], tidx.shape[1])
+    k_train = idx.shape[1]
     m = pow2_at_least(len(y), 64)
-    idx, val = pad_rows(pad_cols(idx, k), m), pad_rows(pad_cols(val, k), m)
+    idx, val = pad_rows(idx, m), pad_rows(val, m)
     y_pad, weight = pad_rows(y, m), pad_rows(np.ones(len(y), np.float32), m)
     w, b = fit_logreg(idx, val, y_pad, weight, dim=feats.dim, steps=cfg.t, lr=cfg.lr, l2=cfg.l2)
-    n_test = len(ty)
-    m_test = pow2_at_least(n_test, 64)
-    tidx, tval = pad_rows(pad_cols(tidx, k), m_test), pad_rows(pad_cols(tval, k), m_test)
-    logits = np.asarray(_score(w, b, tidx, tval))[:n_test]
-    correct = (logits > 0) == (ty > 0.5)
-    nnz = len(y) * k
-    flops = cfg.t * (4.0 * nnz + 12.0 * feats.dim) + 2.0 * n_test * k
-    cats = np.asarray(data.categories)[np.concatenate([test, test])]
-    return AdversaryResult(correct, cats, q=len(train), t=cfg.t, flops=flops)
+    train_flops = cfg.t * (4.0 * len(y) * k_train + 12.0 * feats.dim)
+
+    def predict(rows: np.ndarray) -> AdversaryResult:
+        rows = np.asarray(rows, np.int64)
+        tidx, tval, ty = featurize_units(data, rows, feats, cfg.use_prompt)
+        k = max(k_train, tidx.shape[1])
+        n_test = len(ty)
+        m_test = pow2_at_least(n_test, 64)
+        tidx, tval = pad_rows(pad_cols(tidx, k), m_test), pad_rows(pad_cols(tval, k), m_test)
+        logits = np.asarray(_score(w, b, tidx, tval))[:n_test]
+        correct = (logits > 0) == (ty > 0.5)
+        cats = np.asarray(data.categories)[np.concatenate([rows, rows])]
+        return AdversaryResult(correct, cats, q=len(train), t=cfg.t,
+                               flops=train_flops + 2.0 * n_test * k)
+
+    return predict
+
+
+def run(data: AdversaryData, cfg: NgramConfig, key: jax.Array) -> AdversaryResult:
+    return fit_predictor(data, cfg, key)(data.test_idx)

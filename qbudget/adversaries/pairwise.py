@@ -112,7 +112,7 @@ def fit(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array):
     """Train on the adversary-train split; returns (scorer, training prompt rows)."""
     kq, kfit = jax.random.split(key)
     train = train_subset(data, cfg.q, kq)
-    feats = HashedNgrams(cfg.dim_log2)
+    feats = data.ngram_features(cfg.dim_log2)
     ti, tv, si, sv = _features(data, train, feats)
     m = pow2_at_least(len(train), 64)
     te = se = None
@@ -127,29 +127,45 @@ def fit(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array):
     return PairwiseScorer(params, feats, data.encoder, cfg.use_embeddings), train, ti.shape[1]
 
 
-def run(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array) -> AdversaryResult:
+def fit_predictor(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array):
+    """Train on the adversary-train split; returns ``predict(rows) -> AdversaryResult`` for
+    adversary-test prompt rows (a subset of ``data.test_idx``, read when called). Each test
+    prompt's presentation order and tie coin are drawn for the whole test split and looked
+    up by position, so a prompt's outcome does not depend on which others are scored."""
     kfit, korder, kcoin = jax.random.split(key, 3)
     scorer, train, k = fit(data, cfg, kfit)
-    test = np.asarray(data.test_idx)
-    prompts = [data.prompts[i] for i in test]
-    if cfg.use_embeddings:
-        ep = data.embeddings("prompts")[test]
-        s_t = scorer.score(prompts, [data.teacher[i] for i in test], ep,
-                           data.embeddings("teacher")[test])
-        s_s = scorer.score(prompts, [data.student[i] for i in test], ep,
-                           data.embeddings("student")[test])
-    else:
-        s_t = scorer.score(prompts, [data.teacher[i] for i in test])
-        s_s = scorer.score(prompts, [data.student[i] for i in test])
+    test_all = np.asarray(data.test_idx)
+    position = {int(r): i for i, r in enumerate(test_all)}
     # Present each pair in a seeded random order: teacher first where swap is False.
-    swap = np.asarray(jax.random.bernoulli(korder, 0.5, (len(test),)))
-    coin = np.asarray(jax.random.bernoulli(kcoin, 0.5, (len(test),))).astype(np.int64)
-    first = np.where(swap, s_s, s_t)
-    second = np.where(swap, s_t, s_s)
-    _, decision = decide(first, second, coin)
-    correct = decision == swap.astype(np.int64)
+    swap_all = np.asarray(jax.random.bernoulli(korder, 0.5, (len(test_all),)))
+    coin_all = np.asarray(jax.random.bernoulli(kcoin, 0.5, (len(test_all),))).astype(np.int64)
     d_emb = 2 * 384 if cfg.use_embeddings else 0
     per_score = 2.0 * k + 2.0 * d_emb * cfg.hidden
-    flops = cfg.t * 3.0 * 2 * cfg.batch * per_score + 2.0 * len(test) * per_score
-    return AdversaryResult(correct, np.asarray(data.categories)[test], q=len(train), t=cfg.t,
-                           flops=flops, extra={"filtered": 0})
+
+    def predict(rows: np.ndarray) -> AdversaryResult:
+        test = np.asarray(rows, np.int64)
+        at = np.asarray([position[int(r)] for r in test], np.int64)
+        prompts = [data.prompts[i] for i in test]
+        if cfg.use_embeddings:
+            ep = data.embeddings("prompts")[test]
+            s_t = scorer.score(prompts, [data.teacher[i] for i in test], ep,
+                               data.embeddings("teacher")[test])
+            s_s = scorer.score(prompts, [data.student[i] for i in test], ep,
+                               data.embeddings("student")[test])
+        else:
+            s_t = scorer.score(prompts, [data.teacher[i] for i in test])
+            s_s = scorer.score(prompts, [data.student[i] for i in test])
+        swap, coin = swap_all[at], coin_all[at]
+        first = np.where(swap, s_s, s_t)
+        second = np.where(swap, s_t, s_s)
+        _, decision = decide(first, second, coin)
+        correct = decision == swap.astype(np.int64)
+        flops = cfg.t * 3.0 * 2 * cfg.batch * per_score + 2.0 * len(test) * per_score
+        return AdversaryResult(correct, np.asarray(data.categories)[test], q=len(train),
+                               t=cfg.t, flops=flops, extra={"filtered": 0})
+
+    return predict
+
+
+def run(data: AdversaryData, cfg: PairwiseConfig, key: jax.Array) -> AdversaryResult:
+    return fit_predictor(data, cfg, key)(data.test_idx)
