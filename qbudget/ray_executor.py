@@ -274,6 +274,9 @@ def remote_cell(cfg_dict: dict, name: str, key: str, service, world, prior: dict
     def progress(ev: dict) -> None:
         service.progress.remote((name, ev.get("q", 0), ev.get("advantage")))
 
+    from qbudget.runtime import release_compiled_code_if_crowded
+
+    release_compiled_code_if_crowded()      # Ray reuses this worker for more cells
     t = time.perf_counter()
     run = None
     with RemoteResponseCache(service) as cache:

@@ -81,3 +81,45 @@ def configure_jax() -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: share of the kernel's per-process memory-map limit at which compiled code is dropped
+MAP_COUNT_RELEASE_FRACTION = 0.5
+
+
+def _count_lines(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return None
+
+
+def release_compiled_code_if_crowded(fraction: float = MAP_COUNT_RELEASE_FRACTION) -> bool:
+    """Drop JAX's in-memory compiled executables when the process's memory maps near the
+    kernel's limit; returns whether it did.
+
+    Why: XLA:CPU maps every compiled executable's code and data as memory maps of their own,
+    and JAX keeps every executable it compiled for the life of the process. A sweep cell on
+    the tiny worlds leaves ~5,000 maps behind, so a worker running ~14 cells reached Linux's
+    default ``vm.max_map_count`` (65,530) and the next compilation failed ("LLVM compilation
+    error: Cannot allocate memory") with most of the machine's memory free. Clearing the
+    caches releases them (a cell's ~6,000 maps fall back to ~1,600); the next call of a
+    function compiles it again, from the persistent compilation cache. Checked between cells
+    rather than done after each, so most cells keep their compiled code. Linux only (reads
+    ``/proc``); elsewhere a no-op.
+    """
+    try:
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    maps = _count_lines("/proc/self/maps")
+    if maps is None or maps < fraction * limit:
+        return False
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    return True

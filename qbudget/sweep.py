@@ -104,6 +104,7 @@ def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict
     """Run (or resume) one cell; executed in a worker process. Returns a short report."""
     from qbudget.config import RunConfig, from_dict
     from qbudget.loop import Run
+    from qbudget.runtime import release_compiled_code_if_crowded
 
     cfg = from_dict(RunConfig, cfg_dict)
     queue = queue if queue is not None else _PROGRESS_QUEUE
@@ -119,6 +120,7 @@ def run_cell(cfg_dict: dict, cell_dir: str, cache_path: str, queue=None) -> dict
         if queue is not None:
             queue.put((cell.name, ev.get("q", 0), ev.get("advantage")))
 
+    release_compiled_code_if_crowded()
     t = time.perf_counter()
     outcome = Run(cfg, cell, resume=resume, cache_path=cache_path, run_id=cell.name,
                   progress=progress, shared_dir=cell.parent.parent / "shared").execute()

@@ -251,3 +251,14 @@ def ledger_oracle_fingerprint(ledger_path) -> str:
 def oracle_spy(tmp_path_factory) -> OracleSpy:
     """A fresh, not yet installed OracleSpy (``.install(monkeypatch)`` or ``.env()``)."""
     return OracleSpy(tmp_path_factory.mktemp("oracle_spy"))
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code_when_crowded():
+    """Between tests, drop JAX's compiled executables once the process's memory maps reach
+    half the kernel's limit, as sweep workers do between cells (see
+    :func:`qbudget.runtime.release_compiled_code_if_crowded`)."""
+    yield
+    from qbudget.runtime import release_compiled_code_if_crowded
+
+    release_compiled_code_if_crowded()

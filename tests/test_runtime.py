@@ -51,3 +51,27 @@ def test_import_keeps_large_buffers_mapped_and_system_opts_out():
     # 64 MB of fresh pages is ~16,000 faults a call; the kept heap needs almost none.
     assert system["faults_per_call"] > 8000
     assert tuned["faults_per_call"] < system["faults_per_call"] / 4
+
+
+def test_compiled_code_is_released_only_when_the_maps_are_crowded():
+    """Compiled executables hold memory maps of their own; below the threshold nothing is
+    dropped, at it the caches are cleared and the maps they held are returned."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from qbudget.runtime import release_compiled_code_if_crowded
+
+    def maps() -> int:
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            return sum(1 for _ in f)
+
+    fns = [jax.jit(lambda x, k=k: jnp.sin(x) * k + jnp.cos(x * k)) for k in range(40)]
+    for f in fns:
+        f(jnp.ones(8)).block_until_ready()
+    assert release_compiled_code_if_crowded(fraction=1.0) is False
+    before = maps()
+    assert release_compiled_code_if_crowded(fraction=0.0) is True
+    assert maps() < before
+    assert float(fns[0](jnp.ones(8))[0]) == pytest.approx(float(jnp.sin(1.0) * 0 + jnp.cos(0.0)))

@@ -13,33 +13,33 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 # What README.md ("What `make bench` shows" and the paragraph after it) states about each
-# shipped config (the 800 / 200 split: default.toml's own comment; quick's 6 cells:
+# shipped config (the 800 / 200 split: curve.toml's own comment; quick's 6 cells:
 # docs/performance.md). These numbers mirror the README: whoever retunes a config updates
 # the README and this table together (the last test checks the documented cell counts).
 README_SAYS = {
     "default.toml": dict(
         worlds=["tiny-qwen2"],
         strategies=["random", "stratified", "disagreement", "diversity"],
-        seeds=3, cells=12,                         # "12 cells": 1 world x 4 strategies x 3 seeds
+        seeds=8, cells=32,                         # "8 seeds", "32 cells"
         baseline="stratified",
         total=1024, round_size=128,                # "q up to 1,024 in rounds of 128"
+        schedule=[0, 1024],                        # "evaluated at q = 0 and 1,024"
+        lora_rank=8, learning_rate=3e-4, steps_per_round=48,
+        targets={"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        adversaries=["ngram", "embed", "pairwise"],
+        probe=5000, probe_subset=0, crossfit=5,    # "the full probe", "5-fold cross-fitted"
+    ),
+    "curve.toml": dict(
+        worlds=["tiny-qwen2"],
+        strategies=["random", "stratified", "disagreement", "diversity"],
+        seeds=3, cells=12,                         # "12 cells": 1 world x 4 strategies x 3 seeds
+        baseline="stratified",
+        total=1024, round_size=128,
         schedule=[0, 64, 256, 1024],               # "evaluated at q = 0, 64, 256, 1,024"
         lora_rank=8, learning_rate=3e-4, steps_per_round=48,
         targets={"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
         adversaries=["ngram", "embed", "pairwise"],
-        probe=5000, probe_subset=1000, probe_train=800, probe_test=200,
-    ),
-    "power.toml": dict(
-        worlds=["tiny-qwen2"],
-        strategies=["random", "stratified", "disagreement", "diversity"],
-        seeds=9, cells=36,                         # "9 seeds", "36 cells"
-        baseline="stratified",
-        total=1024, round_size=128,
-        schedule=[0, 1024],                        # "evaluation at q = 0 and 1,024 only"
-        lora_rank=8, learning_rate=3e-4, steps_per_round=48,
-        targets={"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-        adversaries=["ngram", "embed", "pairwise"],
-        probe=5000, probe_subset=0,                # "the full probe"
+        probe=5000, probe_subset=1000, probe_train=800, probe_test=200, crossfit=1,
     ),
     "quick.toml": dict(
         worlds=["micro"],
@@ -53,10 +53,11 @@ README_SAYS = {
         worlds=["tiny-qwen2", "tiny-llama"],       # "both tiny worlds"
         strategies="all built-ins",                # "all eight built-in strategies"
         n_strategies=8,
-        seeds=5, cells=80,                         # "80 cells" = 2 worlds x 8 strategies x 5 seeds
+        seeds=12, cells=192,                       # "192 cells" = 2 worlds x 8 strategies x 12
         baseline="stratified",
         total=4000,                                # "q up to 4,000"
-        probe=5000, probe_subset=0,                # "the full 5,000-prompt probe"
+        schedule=[0, 250, 1000, 4000],
+        probe=5000, probe_subset=0, crossfit=5,    # "the full probe", "cross-fitted"
     ),
 }
 
@@ -124,6 +125,7 @@ def test_budget_schedule_and_probe_as_stated(name):
         if "schedule" in want:
             assert schedule == want["schedule"]
     assert cfg.run.eval.probe_subset == want["probe_subset"]
+    assert cfg.run.eval.crossfit == want.get("crossfit", 1)
     if "round_size" in want:
         assert cfg.run.budget.round_size == want["round_size"]
     if "adversaries" in want:
@@ -135,14 +137,14 @@ def test_budget_schedule_and_probe_as_stated(name):
         assert set(d.targets) == want["targets"]
 
 
-def test_default_probe_subset_splits_800_200():
+def test_curve_probe_subset_splits_800_200():
     """The 1,000-prompt subset keeps the probe's train/test shares: 800 / 200 prompts."""
     from qbudget.pool import stratified_subset
     from qbudget.worlds.prompts import generate_pool_and_probe, to_prompts
     from qbudget.worlds.specs import get_spec
 
-    want = README_SAYS["default.toml"]
-    cfg = load_bench_config(BENCHMARKS / "default.toml")
+    want = README_SAYS["curve.toml"]
+    cfg = load_bench_config(BENCHMARKS / "curve.toml")
     (world,) = cfg.grid.worlds
     spec = get_spec(world)
     _, probe_tasks, is_train = generate_pool_and_probe(spec)   # what the world build writes
