@@ -259,3 +259,22 @@ def test_mmd_p_values_in_the_table_and_beside_the_classifier_verdict(tmp_path):
     assert res.exit_code == 0, res.output
     assert "indistinguishable at epsilon=0.5" in res.stdout
     assert "(ngram); mmd: two-sample test p=1 (n=91)" in res.stdout
+
+
+def test_crossfit_scores_every_prompt_and_refuses_too_few_folds(tmp_path):
+    """60 train / 30 test prompts: --crossfit 3 cuts the train split into two more folds of
+    30, so every one of the 90 prompts is scored by an ngram adversary trained on 60."""
+    split = ["train" if i < 60 else "test" for i in range(N)]
+    t = _write(tmp_path / "t.jsonl", TEACHER, split)
+    s = _write(tmp_path / "s.jsonl", STUDENT, split)
+    res = _invoke("--teacher", t, "--student", s, "--json", "--adversaries", "ngram",
+                  "--crossfit", "3")
+    assert res.exit_code == 0, res.output
+    (row,) = _rows(res, "ngram")
+    assert row["n"] == 2 * N and row["value"] >= 0.9
+    assert _rows(res, "ngram", metric="adversary_folds")[0]["value"] == 3
+    assert _rows(res, "ngram", metric="adversary_q")[0]["value"] == 60
+    # two folds would leave 45 prompts to train on where the sample bound is 60
+    assert "eval.crossfit = 2" in _error(_invoke("--teacher", t, "--student", s,
+                                                 "--adversaries", "ngram", "--crossfit", "2"))
+    assert "--crossfit" in _error(_invoke("--teacher", t, "--student", s, "--crossfit", "0"))

@@ -190,7 +190,8 @@ def _run_config(path: Path):
 
 def eval_config_from_flags(config_file: Path | None, *, adversaries: str | None, q: int | None,
                            t: int | None, alpha: float | None, seed: int | None,
-                           probe_subset: int | None, ceiling: bool | None):
+                           probe_subset: int | None, ceiling: bool | None,
+                           crossfit: int | None = None):
     """The evaluation config and seed: a run TOML's ``[eval]`` (or the defaults, without the
     ceiling) with the flags given on top. Returns ``(EvalConfig, seed)``."""
     from qbudget.config import EvalConfig
@@ -208,8 +209,10 @@ def eval_config_from_flags(config_file: Path | None, *, adversaries: str | None,
         raise QBudgetError(f"--q must be at least 1 adversary-train prompt, got {q}")
     if probe_subset is not None and probe_subset < 0:
         raise QBudgetError(f"--probe-subset must be >= 0, got {probe_subset}")
+    if crossfit is not None and not 1 <= crossfit <= 20:
+        raise QBudgetError(f"--crossfit must be a number of folds in 1..20, got {crossfit}")
     changes = {k: v for k, v in (("alpha", alpha), ("probe_subset", probe_subset),
-                                 ("ceiling", ceiling)) if v is not None}
+                                 ("ceiling", ceiling), ("crossfit", crossfit)) if v is not None}
     if adversaries is not None:
         names = tuple(a.strip() for a in adversaries.split(",") if a.strip())
         if not names:
@@ -254,6 +257,9 @@ def register(app: typer.Typer) -> None:
                                          "stratified subset of this many probe prompts (0 = all)."),
         ceiling: bool = typer.Option(None, "--ceiling/--no-ceiling", help="With --world: also "
                                      "sample the teacher twice for the similarity ceiling."),
+        crossfit: int = typer.Option(None, "--crossfit", help="K-fold cross-fitting of the "
+                                     "classifier adversaries: every prompt becomes a test item "
+                                     "(K times the training; 1 = off, the default)."),
         config_file: Path = typer.Option(None, "--config", help="A run TOML: its \\[eval] table "
                                          "(and world, seed) are the defaults of these flags."),
         as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
@@ -279,7 +285,7 @@ def register(app: typer.Typer) -> None:
             raise QBudgetError("--teacher2 needs --teacher and --student")
         config, seed = eval_config_from_flags(
             config_file, adversaries=adversaries, q=q, t=t, alpha=alpha, seed=seed,
-            probe_subset=probe_subset, ceiling=ceiling)
+            probe_subset=probe_subset, ceiling=ceiling, crossfit=crossfit)
         if epsilon is not None:
             check_epsilon(epsilon, config)
         if world is not None:
