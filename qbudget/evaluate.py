@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from qbudget.adversaries import AdversaryData, TwoSampleResult, get_adversary
+from qbudget.adversaries import AdversaryData, AdversaryResult, TwoSampleResult, get_adversary
 from qbudget.adversaries.base import check_sample_bound, prompt_outcomes
 from qbudget.config import CertifyConfig, EvalConfig
 from qbudget.errors import QBudgetError
@@ -245,10 +245,9 @@ def crossfit_folds(is_train: np.ndarray, k: int, key: jax.Array,
         return [test]
     perm = np.asarray(jax.random.permutation(key, len(train)))
     folds = [test] + [np.sort(train[c]) for c in np.array_split(perm, k - 1)]
-    n = len(is_train)
+    n, biggest = len(is_train), max(len(f) for f in folds[1:])
     for name, q in (bounds or {}).items():
         need = len(train) if q is None else q
-        biggest = max(len(f) for f in folds[1:])
         if n - biggest < need or biggest == 0:
             raise QBudgetError(
                 f"eval.crossfit = {k} cuts the {len(train)} adversary-train prompts into folds "
@@ -258,7 +257,8 @@ def crossfit_folds(is_train: np.ndarray, k: int, key: jax.Array,
     return folds
 
 
-def _crossfit(run, data: AdversaryData, cfg, key: jax.Array, first, folds) -> "AdversaryResult":
+def _crossfit(run, data: AdversaryData, cfg, key: jax.Array, first: AdversaryResult,
+              folds) -> AdversaryResult:
     """Outcomes of every fold: ``first`` (fold 0, already run) and folds 1.. each scored by
     an adversary trained on the other prompts, under fold 0's sample bound, with its own key.
 
@@ -267,20 +267,16 @@ def _crossfit(run, data: AdversaryData, cfg, key: jax.Array, first, folds) -> "A
     """
     import dataclasses
 
-    from qbudget.adversaries import AdversaryResult
-
     n = len(data.prompts)
-    bound = first.q
-    correct, cats, flops = [first.correct], [first.unit_category], first.flops
+    parts = [first]
     for j, fold in enumerate(folds[1:], start=1):
         train = np.setdiff1d(np.arange(n), fold)
         fold_data = dataclasses.replace(data, train_idx=train, test_idx=fold)
-        res = run(fold_data, dataclasses.replace(cfg, q=bound), jax.random.fold_in(key, j))
-        correct.append(res.correct)
-        cats.append(res.unit_category)
-        flops += res.flops
-    return AdversaryResult(np.concatenate(correct), np.concatenate(cats), q=first.q, t=first.t,
-                           flops=flops, extra={**first.extra, "folds": len(folds)})
+        parts.append(run(fold_data, dataclasses.replace(cfg, q=first.q),
+                         jax.random.fold_in(key, j)))
+    # every fold trained anew: their costs add up
+    return AdversaryResult.concat(parts, flops=sum(p.flops for p in parts),
+                                  extra={**first.extra, "folds": len(folds)})
 
 
 def _test_rows(name: str, res: TwoSampleResult, names: Sequence[str]) -> list[dict]:

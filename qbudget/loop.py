@@ -102,15 +102,9 @@ class Run:
         for name in cfg.eval.adversaries:
             cfg.eval.adversary_config(name)
         if cfg.certify.enabled:
-            from qbudget.evaluate import classifier_adversaries
+            from qbudget.sequential_eval import check_certifying
 
-            if not classifier_adversaries(cfg.eval):
-                raise QBudgetError("[certify] needs at least one classifier adversary in "
-                                   "eval.adversaries (mmd has no advantage to certify)")
-            if cfg.eval.crossfit > 1:
-                raise QBudgetError("eval.crossfit needs every probe answer, but a certifying "
-                                   "run buys the adversary-test answers only as far as its "
-                                   "verdict needs: use crossfit = 1 with [certify]")
+            check_certifying(cfg.eval)
         self.world = resolve_world(cfg.world)
         if cfg.budget.total > len(self.world.pool):
             raise QBudgetError(f"budget {cfg.budget.total} is larger than the pool of world "

@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from qbudget.adversaries import AdversaryData, TwoSampleResult, get_adversary, get_predictor
+from qbudget.adversaries import (AdversaryData, AdversaryResult, TwoSampleResult,
+                                 get_adversary, get_predictor)
 from qbudget.adversaries.base import check_sample_bound, prompt_outcomes
 from qbudget.certify import certify_checkpoint
 from qbudget.config import CertifyConfig, EvalConfig
@@ -71,13 +72,8 @@ def evaluate_sequentially(probe: Sequence[Prompt], is_train: np.ndarray, buy: Bu
     if len(student) != n or len(is_train) != n:
         raise QBudgetError(f"the student answered {len(student)} and is_train has "
                            f"{len(is_train)} entries, but the probe has {n} prompts")
-    if config.crossfit > 1:
-        raise QBudgetError("eval.crossfit needs every probe answer; a certifying run buys "
-                           "the adversary-test answers only as far as its verdict needs: "
-                           "use crossfit = 1 with [certify]")
+    check_certifying(config)
     advs = classifier_adversaries(config)
-    if not advs:
-        raise QBudgetError("[certify] needs at least one classifier adversary")
     train, test = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     for name in config.adversaries:
         check_sample_bound(config.adversary_config(name).q, len(train))
@@ -146,7 +142,8 @@ def evaluate_sequentially(probe: Sequence[Prompt], is_train: np.ndarray, buy: Bu
     per_cat_best: dict[str, list] = {}
     for name in config.adversaries:
         if name in predictors:
-            rows += classifier_rows(name, _joined(results[name]), names, config.alpha, alpha_b,
+            joined = AdversaryResult.concat(results[name], flops=results[name][0].flops)
+            rows += classifier_rows(name, joined, names, config.alpha, alpha_b,
                                     per_cat_best)
         else:
             rows += _two_sample_rows(name, data, keep, config, key, names)
@@ -154,6 +151,18 @@ def evaluate_sequentially(probe: Sequence[Prompt], is_train: np.ndarray, buy: Bu
     rows += decision_rows(decision, certify, certify_index, n_available=len(test))
     rows.append(_row("eval_test_items", "", "all", consumed, n=len(test)))
     return rows
+
+
+def check_certifying(config: EvalConfig) -> None:
+    """QBudgetError unless ``config`` can certify: a classifier adversary to certify, and no
+    cross-fitting (it needs every probe answer; certification buys only what it reads)."""
+    if not classifier_adversaries(config):
+        raise QBudgetError("[certify] needs at least one classifier adversary in "
+                           "eval.adversaries (mmd has no advantage to certify)")
+    if config.crossfit > 1:
+        raise QBudgetError("eval.crossfit needs every probe answer, but a certifying run buys "
+                           "the adversary-test answers only as far as its verdict needs: use "
+                           "crossfit = 1 with [certify]")
 
 
 class _Embeddings:
@@ -176,22 +185,23 @@ class _Embeddings:
             return
         if encoder is None:
             raise QBudgetError("evaluation needs a SentenceEncoder (encoder=...)")
-        self.student = self._encode(data.student)
-        memo = getattr(encoder, "encode_memo", None) or encoder.encode
-        uniq = list(dict.fromkeys(data.prompts))
-        where = {t: i for i, t in enumerate(uniq)}
-        prompts = memo(uniq, batch_size=self.batch)[[where[t] for t in data.prompts]]
+        from qbudget.evaluate import _encode_all
+
+        emb = _encode_all(encoder, {"student": data.student, "prompts": data.prompts},
+                          self.batch)
+        self.student = np.asarray(emb["student"], np.float32)
         self.teacher = np.zeros_like(self.student)
         self.teacher2 = np.zeros_like(self.student)
         data.set_embeddings("student", self.student)
-        data.set_embeddings("prompts", prompts)
+        data.set_embeddings("prompts", emb["prompts"])
         data.set_embeddings("teacher", self.teacher)
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        uniq = list(dict.fromkeys(texts))
-        where = {t: i for i, t in enumerate(uniq)}
-        return np.asarray(self.encoder.encode(uniq, batch_size=self.batch),
-                          np.float32)[[where[t] for t in texts]]
+        """Freshly bought answers: encoded as they are (not through the whole-list memo)."""
+        from qbudget.evaluate import _encode_all
+
+        return _encode_all(self.encoder, {"new": list(texts)}, self.batch,
+                           fresh=frozenset({"new"}))["new"]
 
     def add(self, rows: np.ndarray) -> None:
         """Encode the teacher answers (and ceiling samples) of newly bought ``rows``."""
@@ -202,15 +212,6 @@ class _Embeddings:
         self.data.set_embeddings("teacher", self.teacher)
         if self.ceiling:
             self.teacher2[rows] = self._encode([self.teacher2_texts[i] for i in rows])
-
-
-def _joined(parts: list) -> "object":
-    from qbudget.adversaries import AdversaryResult
-
-    first = parts[0]
-    return AdversaryResult(np.concatenate([p.correct for p in parts]),
-                           np.concatenate([p.unit_category for p in parts]), q=first.q,
-                           t=first.t, flops=first.flops, extra=dict(first.extra))
 
 
 def _two_sample_rows(name: str, data: AdversaryData, keep: np.ndarray, config: EvalConfig,

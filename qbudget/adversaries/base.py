@@ -71,6 +71,18 @@ class AdversaryResult:
     flops: float                      # estimated training + test FLOPs
     extra: dict = field(default_factory=dict)
 
+    @staticmethod
+    def concat(parts: list["AdversaryResult"], *, flops: float,
+               extra: dict | None = None) -> "AdversaryResult":
+        """The units of several results of one adversary (folds, or chunks of the test
+        split) one after another; bounds from the first, ``flops`` and ``extra`` as given
+        (whether the parts' costs add up depends on whether each trained anew)."""
+        first = parts[0]
+        return AdversaryResult(np.concatenate([p.correct for p in parts]),
+                               np.concatenate([p.unit_category for p in parts]), q=first.q,
+                               t=first.t, flops=flops,
+                               extra=dict(first.extra if extra is None else extra))
+
 
 def prompt_outcomes(result: AdversaryResult, n_test: int) -> np.ndarray:
     """Per adversary-test prompt, the 0/1 correctness of its units: bool ``[n_test, k]``.
