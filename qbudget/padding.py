@@ -56,3 +56,10 @@ def left_pad(seqs: Sequence[Sequence[int]], width: int, pad: int,
         ids[i, width - len(s):] = s
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def fine_bucket(n: int, steps_per_octave: int = 16, floor: int = 1024) -> int:
+    """``n`` rounded up to one of ``steps_per_octave`` sizes per power of two (at least
+    ``floor``): at most 1/steps_per_octave of padding, and still few distinct shapes, for
+    jitted work whose cost grows with the padded size (unlike :func:`pow2_at_least`'s 2x)."""
+    return max(floor, round_up(n, max(1, pow2_at_least(n) // steps_per_octave)))

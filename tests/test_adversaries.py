@@ -181,3 +181,34 @@ def test_finetune_adversary_runs_within_its_bounds(encoder):
     assert _row(rows, "adversary_t", "finetune")["value"] == 8
     assert _row(rows, "advantage", "finetune")["value"] > 0.5
     np.testing.assert_array_equal(before, encoder.encode(["a test sentence"]))
+
+
+def test_ngram_fit_on_the_training_features_equals_the_fit_over_the_hashed_space():
+    """The n-gram adversary fits only the hashed features its training rows contain: the
+    weights and test logits match a fit over the whole 2^k space, where every other weight
+    stays exactly 0, and a test-only feature scores nothing."""
+    from qbudget.adversaries.features import HashedNgrams
+    from qbudget.adversaries.ngram import CompactFeatures, fit_logreg, sparse_logits
+
+    rng = np.random.default_rng(3)
+    feats = HashedNgrams(dim_log2=12)
+    train_idx, train_val = feats.featurize(_draw(rng, P)[:200] + _draw(rng, Q)[:200])
+    y = np.r_[np.ones(200), np.zeros(200)].astype(np.float32)
+    weight = np.ones(400, np.float32)
+    compact = CompactFeatures(train_idx, train_val)
+    assert len(compact.vocab) < feats.dim
+    fit = dict(steps=60, lr=0.1, l2=1e-3)
+    w_c, b_c = fit_logreg(*compact.entries(train_idx, train_val, 400), y, weight,
+                          dim=compact.dim, **fit)
+    r, k = np.nonzero(train_val)
+    w_f, b_f = fit_logreg(r.astype(np.int32), train_idx[r, k], train_val[r, k], y, weight,
+                          dim=feats.dim, **fit)
+    w_c, w_f = np.asarray(w_c), np.asarray(w_f)
+    np.testing.assert_allclose(w_c[: len(compact.vocab)], w_f[compact.vocab], atol=1e-5)
+    assert (np.delete(w_f, compact.vocab) == 0).all() and (w_c[len(compact.vocab):] == 0).all()
+    np.testing.assert_allclose(float(b_c), float(b_f), atol=1e-5)
+    test_idx, test_val = feats.featurize(SENTENCES + ["an unseen zebra sentence"])
+    got = sparse_logits(w_c, b_c, compact.columns(test_idx), test_val)
+    np.testing.assert_allclose(got, sparse_logits(w_f, b_f, test_idx, test_val), atol=1e-5)
+    unseen = np.setdiff1d(test_idx[-1][test_val[-1] != 0], compact.vocab)
+    assert len(unseen) and (compact.columns(unseen) == compact.unseen).all()

@@ -91,19 +91,24 @@ def test_sampling_is_per_row_seeded_and_top_p_narrows():
 
 
 def _nucleus_by_argsort(logits, top_p):
-    """The textbook nucleus: stable sort by logit, keep ranks whose preceding mass < top_p."""
+    """The textbook nucleus: stable sort by logit, keep ranks whose preceding mass < top_p.
+    Also returns each token's preceding mass (in its own position)."""
     import jax.numpy as jnp
 
     order = jnp.argsort(-logits, axis=-1)
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+    before = jnp.cumsum(probs, axis=-1) - probs
     rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+    keep = jnp.zeros(logits.shape, bool).at[rows, order].set(before < top_p)
+    return keep, jnp.zeros_like(logits).at[rows, order].set(before)
 
 
 def test_nucleus_mask_equals_sort_and_scatter_including_ties():
+    """The threshold search keeps the textbook nucleus; the two may differ only on a token
+    whose preceding mass equals top_p to within float rounding (they sum in other orders)."""
     rng = np.random.default_rng(0)
     ours, ref = jax.jit(nucleus_mask), jax.jit(_nucleus_by_argsort)
+    differing = 0
     for trial in range(60):
         vocab = int(rng.choice([5, 64, 1024]))
         x = rng.standard_normal((16, vocab)).astype(np.float32) * float(rng.choice([0.3, 3, 30]))
@@ -111,10 +116,36 @@ def test_nucleus_mask_equals_sort_and_scatter_including_ties():
             x = np.round(x).astype(np.float32)   # many exact ties, also at the boundary
         x[:, :2] = 0.0
         x[:, 2] = -0.0
+        x[0, 3:] = -np.inf                        # a row with masked tokens
         for top_p in (0.05, 0.5, 0.9, 0.95, 0.99):
-            got, want = np.asarray(ours(x, top_p)), np.asarray(ref(x, top_p))
-            assert (got == want).all(), (trial, top_p)
+            got, (want, before) = np.asarray(ours(x, top_p)), map(np.asarray, ref(x, top_p))
+            off = got != want
+            assert (np.abs(before[off] - top_p) <= 1e-6).all(), (trial, top_p)
+            differing += int(off.sum())
             assert got.any(axis=1).all()             # the top token is always kept
+            # the kept set is a prefix of the ranking: nothing kept below a dropped logit
+            dropped_max = np.where(got, -np.inf, x).max(axis=1)
+            assert (np.where(got, x, np.inf).min(axis=1) >= dropped_max).all()
+    assert differing <= 5, differing
+
+
+def test_sampling_draws_the_tokens_jax_random_categorical_draws():
+    """The sampler's gumbel-plus-first_argmax is jax.random.categorical's own recipe with
+    a faster argmax: same keys, same tokens (nucleus-masked -inf logits included)."""
+    from qbudget.models.generate import _sample
+
+    rng = np.random.default_rng(5)
+    keys = jax.vmap(jax.random.key)(np.arange(32))
+    for step in range(6):
+        logits = rng.standard_normal((32, 257)).astype(np.float32) * 4
+        logits[rng.random(logits.shape) < 0.3] = -np.inf
+        logits[:, 0] = 1.0
+        got = _sample(logits, keys, step, 0.7, 0.9, greedy=False, nucleus=True)
+        masked = np.where(nucleus_mask(logits / np.float32(0.7), 0.9), logits / np.float32(0.7),
+                          -np.inf)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+        want = jax.vmap(jax.random.categorical)(step_keys, masked)
+        assert (np.asarray(got) == np.asarray(want)).all(), step
 
 
 def test_first_argmax_equals_argmax_with_ties_nan_and_inf():

@@ -129,18 +129,33 @@ def _check_sliding_window(config, fam) -> None:
 
 
 class _Opaque:
-    """Holds a non-hashable object (the transformers config) as a static nnx attribute."""
+    """Holds a non-hashable object (the transformers config) as a static nnx attribute.
 
-    __slots__ = ("value",)
+    Static attributes are part of the model's graphdef, which jitted functions take as a
+    static argument. Two holders of equal configs compare equal (by the config's JSON),
+    so a model loaded again from the same checkpoint (every cell of a sweep loads its
+    student afresh) reuses the compiled generation and training code instead of compiling
+    it again: with identity equality a sweep recompiled generation in every cell (~45 s of
+    a tiny-world cell on a 2-core machine). Nothing computed depends on the config beyond
+    what the graphdef's ``DecoderSpec`` holds; it is kept for saving.
+    """
+
+    __slots__ = ("value", "_key")
 
     def __init__(self, value):
         self.value = value
+        to_json = getattr(value, "to_json_string", None)
+        self._key = to_json(use_diff=False) if to_json is not None else None
 
     def __hash__(self):
-        return id(self)
+        return hash(self._key) if self._key is not None else id(self)
 
     def __eq__(self, other):
-        return self is other
+        if not isinstance(other, _Opaque):
+            return NotImplemented
+        if self._key is None or other._key is None:
+            return self is other
+        return self._key == other._key
 
 
 class Linear(nnx.Module):

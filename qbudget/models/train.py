@@ -115,6 +115,22 @@ def make_optimizer(model, learning_rate: float, wrt=nnx.LoRAParam, weight_decay:
         raise QBudgetError(f"learning_rate must be > 0, got {learning_rate}")
     if wrt is nnx.LoRAParam and not nnx.state(model, nnx.LoRAParam):
         raise QBudgetError("the model has no LoRA adapters to train; call attach_lora first")
+    tx = _transformation(float(learning_rate), float(weight_decay),
+                         None if not clip_norm else float(clip_norm),
+                         None if not decay_steps else int(decay_steps))
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+@functools.lru_cache(maxsize=32)
+def _transformation(learning_rate: float, weight_decay: float, clip_norm: float | None,
+                    decay_steps: int | None) -> optax.GradientTransformation:
+    """The optax transformation for these settings, one object per distinct settings.
+
+    Why cached: the transformation (its functions) is a static part of the optimizer's
+    graphdef, which the jitted training step takes as a static argument, and optax builds
+    new function objects on every call. Sharing one object lets every optimizer with the
+    same settings (each cell of a sweep makes its own) reuse the compiled step.
+    """
     rate = learning_rate
     if decay_steps:
         rate = optax.warmup_cosine_decay_schedule(
@@ -123,7 +139,7 @@ def make_optimizer(model, learning_rate: float, wrt=nnx.LoRAParam, weight_decay:
     tx = optax.adamw(rate, weight_decay=weight_decay)
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    return nnx.Optimizer(model, tx, wrt=wrt)
+    return tx
 
 
 def _shift_left(a):
